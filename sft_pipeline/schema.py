@@ -80,3 +80,23 @@ def make_reject(
         "raw": raw[:RAW_TEXT_LIMIT],
         "id": id,
     }
+
+
+def write_rows(frame: "pd.DataFrame", path: "str | Path") -> "Path":
+    """Write canonical or rejected rows to Parquet (creating the folder); returns the path."""
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+    return path
+
+
+def read_rows(path: "str | Path") -> "pd.DataFrame":
+    """Read rows written by `write_rows`; `messages` come back as lists of plain dicts."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    if "messages" in frame.columns:
+        frame["messages"] = [[{"role": m["role"], "content": m["content"]} for m in turns] for turns in frame["messages"]]
+    return frame

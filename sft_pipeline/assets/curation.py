@@ -1,0 +1,149 @@
+"""Ingestion and curation: `raw_instructions`, `clean_instructions`, `rejected_instructions`, and their checks."""
+
+
+import dagster as dg
+import pandas as pd
+import pydantic
+
+from sft_pipeline.assets.support import (
+    config_from_dataclass,
+    counts_table,
+    domain_kwargs,
+    histogram,
+    markdown_table,
+    suite_check_result,
+)
+from sft_pipeline.curation import CurationConfig, clean_instructions as clean_rows
+from sft_pipeline.ingest import SourceSpec, default_sources, load_sources
+from sft_pipeline.quality import conversation_view, curation_summary, suite_path, validate_frame
+from sft_pipeline.resources import PipelineStorage
+from sft_pipeline.schema import read_rows, write_rows
+
+GROUP = "data"
+
+
+class SourceConfig(dg.Config):
+    """One input source."""
+
+    path: str = pydantic.Field(description="A file (JSONL, JSON, CSV, Parquet), a glob, a save_to_disk folder, or hf://org/name.")
+    shape: str = pydantic.Field(default="auto", description="auto | alpaca | dolly | sharegpt | messages | prompt_completion")
+    name: str | None = pydantic.Field(default=None, description="Source name on each row; defaults to the file or dataset name.")
+    split: str = pydantic.Field(default="train", description="Dataset split, for Hugging Face datasets.")
+    revision: str | None = pydantic.Field(default=None, description="Dataset revision, for hf:// datasets.")
+    columns: dict[str, str] = pydantic.Field(default_factory=dict, description="Canonical field -> column name in this source.")
+
+
+class RawInstructionsConfig(dg.Config):
+    """Which sources to read."""
+
+    sources: list[SourceConfig] = pydantic.Field(
+        default_factory=list, description="Input sources; empty means the seed instruction set shipped in the package."
+    )
+
+
+CleanInstructionsConfig = config_from_dataclass(CurationConfig, "CleanInstructionsConfig")
+
+
+@dg.asset(group_name=GROUP, kinds={"pandas", "parquet"})
+def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) -> dg.MaterializeResult:
+    """Every source record mapped to the canonical row schema, with provenance; unreadable records set aside."""
+    specs = [SourceSpec(**source.model_dump()) for source in config.sources] or default_sources()
+    result = load_sources(specs)
+    folder = storage.asset_dir("raw_instructions")
+    rows_path = write_rows(result.rows, folder / "rows.parquet")
+    rejected_path = write_rows(result.rejected, folder / "ingest_rejected.parquet")
+    records = sum(result.records_per_source.values())
+    return dg.MaterializeResult(
+        metadata={
+            "path": dg.MetadataValue.path(str(rows_path)),
+            "rejected_path": dg.MetadataValue.path(str(rejected_path)),
+            "dagster/row_count": len(result.rows),
+            "records_read": records,
+            "unreadable_records": len(result.rejected),
+            "records_per_source": counts_table(result.records_per_source, "source", "records"),
+            "preview": markdown_table(result.rows[["id", "source", "category", "prompt", "response"]], max_rows=10),
+        }
+    )
+
+
+@dg.multi_asset(
+    group_name=GROUP,
+    outs={
+        "clean_instructions": dg.AssetOut(kinds={"pandas", "parquet"}, description="Normalized, filtered, deduplicated, decontaminated rows."),
+        "rejected_instructions": dg.AssetOut(kinds={"pandas", "parquet"}, description="Every record that did not make it, with source, position and reason."),
+    },
+    deps=["raw_instructions", "mmlu_benchmark"],
+)
+def curated_instructions(config: CleanInstructionsConfig, storage: PipelineStorage):
+    """Clean the raw rows; rows that fail, and records ingestion could not read, go to `rejected_instructions`."""
+    raw_folder = storage.asset_dir("raw_instructions")
+    raw = read_rows(raw_folder / "rows.parquet")
+    ingest_rejected = read_rows(raw_folder / "ingest_rejected.parquet")
+    benchmark = pd.read_parquet(storage.asset_dir("mmlu_benchmark") / "questions.parquet")
+    benchmark_texts = [(q.question_id, q.question + "\n" + "\n".join(q.choices)) for q in benchmark.itertuples()]
+
+    kept, rejected, report = clean_rows(raw, CurationConfig(**domain_kwargs(config, CurationConfig)), benchmark_texts)
+    all_rejected = pd.concat([ingest_rejected, rejected], ignore_index=True) if len(ingest_rejected) else rejected
+    folder = storage.asset_dir("clean_instructions")
+    clean_path = write_rows(kept, folder / "rows.parquet")
+    rejected_path = write_rows(all_rejected, storage.asset_dir("rejected_instructions") / "rows.parquet")
+    records_in = len(raw) + len(ingest_rejected)
+
+    category_balance = kept["category"].fillna("(none)").value_counts().to_dict() if len(kept) else {}
+    chars = [sum(len(m["content"]) for m in turns) for turns in kept["messages"]]
+    yield dg.MaterializeResult(
+        asset_key="clean_instructions",
+        metadata={
+            "path": dg.MetadataValue.path(str(clean_path)),
+            "dagster/row_count": len(kept),
+            "records_in": records_in,
+            "rejected": len(all_rejected),
+            "kept_per_source": counts_table(kept["source"].value_counts().to_dict() if len(kept) else {}, "source", "rows"),
+            "category_balance": counts_table(category_balance, "category", "rows"),
+            "conversation_chars": histogram(chars, "Conversation length", "characters") if chars else dg.MetadataValue.md("_(empty)_"),
+        },
+    )
+    reasons = all_rejected["reason"].value_counts().to_dict() if len(all_rejected) else {}
+    yield dg.MaterializeResult(
+        asset_key="rejected_instructions",
+        metadata={
+            "path": dg.MetadataValue.path(str(rejected_path)),
+            "dagster/row_count": len(all_rejected),
+            "rejected_per_reason": counts_table(reasons, "reason", "rows"),
+            "rejected_per_source": counts_table(all_rejected["source"].value_counts().to_dict() if len(all_rejected) else {}, "source", "rows"),
+            "sample": markdown_table(all_rejected[["source", "source_index", "reason", "detail", "raw"]], max_rows=15),
+        },
+    )
+
+
+@dg.asset_check(asset="raw_instructions", blocking=True, description="Ingested rows match the raw_instructions suite.")
+def raw_instructions_match_expectations(storage: PipelineStorage) -> dg.AssetCheckResult:
+    rows = read_rows(storage.asset_dir("raw_instructions") / "rows.parquet")
+    return suite_check_result(validate_frame(conversation_view(rows), suite_path("raw_instructions")), "raw_instructions")
+
+
+@dg.asset_check(asset="clean_instructions", blocking=True, description="Clean rows match the clean_instructions suite.")
+def clean_instructions_match_expectations(storage: PipelineStorage) -> dg.AssetCheckResult:
+    rows = read_rows(storage.asset_dir("clean_instructions") / "rows.parquet")
+    return suite_check_result(validate_frame(conversation_view(rows), suite_path("clean_instructions")), "clean_instructions")
+
+
+@dg.asset_check(
+    asset="clean_instructions",
+    blocking=True,
+    description="Every record read is either kept or rejected, and the rejected share is within the curation_summary suite's bound.",
+)
+def every_record_accounted_for(storage: PipelineStorage) -> dg.AssetCheckResult:
+    raw_folder = storage.asset_dir("raw_instructions")
+    records_in = len(pd.read_parquet(raw_folder / "rows.parquet", columns=["id"])) + len(
+        pd.read_parquet(raw_folder / "ingest_rejected.parquet", columns=["reason"])
+    )
+    kept = len(pd.read_parquet(storage.asset_dir("clean_instructions") / "rows.parquet", columns=["id"]))
+    rejected = len(pd.read_parquet(storage.asset_dir("rejected_instructions") / "rows.parquet", columns=["reason"]))
+    return suite_check_result(
+        validate_frame(curation_summary(records_in, kept, rejected), suite_path("curation_summary")),
+        "clean_instructions",
+        records_in=records_in,
+        kept=kept,
+        rejected=rejected,
+    )
