@@ -25,8 +25,12 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 _TRAILING_SPACE = re.compile(r"[ \t]+\n")
 _MANY_BLANK_LINES = re.compile(r"\n{3,}")
 _CODE_FENCE = re.compile(r"(```.*?```)", re.DOTALL)
-# Markup left over from scraped HTML; applied outside code fences only, where a tag may be code.
-_HTML_TAG = re.compile(r"</?(?:p|br|div|span|b|i|em|strong|u|font|li|ul|ol|h[1-6]|table|tr|td|th)(?:\s[^<>]*)?/?>", re.IGNORECASE)
+# Markup left over from scraped HTML; removed outside code fences only, where a tag may be code.
+# Block tags become line breaks, inline tags vanish.
+_HTML_BLOCK_TAG = re.compile(r"</?(?:p|br|div|li|ul|ol|h[1-6]|table|tr)(?:\s[^<>]*)?/?>", re.IGNORECASE)
+_HTML_INLINE_TAG = re.compile(r"</?(?:span|b|i|em|strong|u|font|td|th)(?:\s[^<>]*)?/?>", re.IGNORECASE)
+# Runs of spaces after a non-space: collapsed. Leading indentation is left alone.
+_INNER_SPACES = re.compile(r"(?<=\S)[ \t]{2,}")
 _WORD = re.compile(r"\w+", re.UNICODE)
 
 
@@ -71,23 +75,27 @@ class CurationReport:
 # ---------------------------------------------------------------- normalization
 
 
-def _strip_markup(text: str) -> str:
+def _outside_code_fences(text: str, transform) -> str:
     parts = _CODE_FENCE.split(text)
     for i in range(0, len(parts), 2):  # even parts are outside code fences
-        parts[i] = html.unescape(_HTML_TAG.sub(" ", parts[i]))
+        parts[i] = transform(parts[i])
     return "".join(parts)
 
 
-def normalize_text(text: str, strip_html: bool = True) -> str:
-    """NFKC, no zero-width or control characters, unix newlines, no trailing spaces, at most one blank line.
+def _strip_markup(text: str) -> str:
+    return html.unescape(_HTML_INLINE_TAG.sub("", _HTML_BLOCK_TAG.sub("\n", text)))
 
-    Interior spaces are kept: indentation matters in code answers.
+
+def normalize_text(text: str, strip_html: bool = True) -> str:
+    """NFKC, no zero-width or control characters, unix newlines, single inner spaces outside code,
+    no trailing spaces, at most one blank line. Leading indentation is kept: it matters in code.
     """
     text = unicodedata.normalize("NFKC", text)
     text = text.replace("\r\n", "\n").replace("\r", "\n")
     text = _CONTROL.sub("", _ZERO_WIDTH.sub("", text))
     if strip_html:
-        text = _strip_markup(text)
+        text = _outside_code_fences(text, _strip_markup)
+    text = _outside_code_fences(text, lambda part: _INNER_SPACES.sub(" ", part))
     text = _TRAILING_SPACE.sub("\n", text)
     text = _MANY_BLANK_LINES.sub("\n\n", text)
     return text.strip()

@@ -233,6 +233,7 @@ def load_tokenized_splits(dataset_dir: str | Path) -> dict[str, Any]:
     Rows whose labels are all -100 are dropped: they carry no loss and a batch made only of
     them would divide by zero supervised tokens.
     """
+    from accelerate import PartialState
     from datasets import load_dataset
 
     dataset_dir = Path(dataset_dir)
@@ -242,7 +243,12 @@ def load_tokenized_splits(dataset_dir: str | Path) -> dict[str, Any]:
     present = {k: str(p) for k, p in files.items() if p.is_file() and _num_rows(p) > 0}
     if "train" not in present:
         raise ValueError(f"TrainingConfig.dataset_dir: {files['train']} has no rows")
-    splits = load_dataset("parquet", data_files=present)
+    # Under `accelerate launch` the main process builds the datasets cache first; the others reuse it.
+    with PartialState().main_process_first():
+        return _prepare_splits(load_dataset("parquet", data_files=present), present, files)
+
+
+def _prepare_splits(splits, present: dict[str, str], files: dict[str, Path]) -> dict[str, Any]:
     out = {}
     for name, ds in splits.items():
         missing = {"input_ids", "labels"} - set(ds.column_names)

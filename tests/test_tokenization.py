@@ -1,0 +1,272 @@
+"""Tests for sft_pipeline.tokenization: assistant-only labels, length policy, splits, Parquet output."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from sft_pipeline.schema import make_row
+from sft_pipeline.tokenization import (
+    IGNORE_INDEX,
+    SftDatasetInfo,
+    TokenizationConfig,
+    assign_split,
+    build_sft_dataset,
+    fingerprint,
+    read_sft_dataset_info,
+    tokenize_conversation,
+)
+
+SINGLE = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris is the capital of France."},
+]
+MULTI = [
+    {"role": "system", "content": "You are a helpful assistant."},
+    {"role": "user", "content": "Write a short poem about the sea."},
+    {"role": "assistant", "content": "The sea is wide and grey and calm."},
+    {"role": "user", "content": "List three ideas for a birthday party."},
+    {"role": "assistant", "content": "A picnic, a treasure hunt, a movie night."},
+]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+def labeled_spans(enc):
+    """Runs of consecutive labeled token ids."""
+    spans, cur = [], []
+    for tok_id, label in zip(enc["input_ids"], enc["labels"]):
+        if label != IGNORE_INDEX:
+            assert label == tok_id
+            cur.append(tok_id)
+        elif cur:
+            spans.append(cur)
+            cur = []
+    if cur:
+        spans.append(cur)
+    return spans
+
+
+def test_labels_only_on_assistant_tokens(tokenizer):
+    enc = tokenize_conversation(SINGLE, tokenizer, TokenizationConfig())
+    assert len(enc["input_ids"]) == len(enc["labels"]) == len(enc["attention_mask"])
+    assert set(enc["attention_mask"]) == {1}
+    spans = labeled_spans(enc)
+    assert [tokenizer.decode(s) for s in spans] == [SINGLE[1]["content"] + tokenizer.eos_token]
+    # Everything before the answer (user turn, assistant header) and the trailing newline is masked.
+    unlabeled = [t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab == IGNORE_INDEX]
+    assert SINGLE[0]["content"] in tokenizer.decode(unlabeled)
+    assert enc["labels"][-1] == IGNORE_INDEX and tokenizer.decode(enc["input_ids"][-1:]) == "\n"
+
+
+def test_every_assistant_turn_is_labeled(tokenizer):
+    enc = tokenize_conversation(MULTI, tokenizer, TokenizationConfig())
+    decoded = [tokenizer.decode(s) for s in labeled_spans(enc)]
+    assert decoded == [MULTI[2]["content"] + "<|im_end|>", MULTI[4]["content"] + "<|im_end|>"]
+
+
+def test_eos_labeled_when_pad_equals_eos(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tok.pad_token = tok.eos_token
+    tok.save_pretrained(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    assert tok.pad_token_id == tok.eos_token_id
+    enc = tokenize_conversation(MULTI, tok, TokenizationConfig())
+    assert enc["labels"].count(tok.eos_token_id) == 2  # one per assistant turn
+    for span in labeled_spans(enc):
+        assert span[-1] == tok.eos_token_id
+
+
+def test_no_doubled_bos(tiny_model_dir, tmp_path):
+    from transformers import AutoTokenizer
+
+    # A tokenizer that adds a BOS on encode, with a BOS distinct from the template's tokens.
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir, bos_token="<|endoftext|>", add_bos_token=True)
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id
+    enc = tokenize_conversation(SINGLE, tok, TokenizationConfig(template="chatml"))
+    assert enc["input_ids"][0] == tok.bos_token_id and enc["input_ids"].count(tok.bos_token_id) == 1
+    assert enc["labels"][0] == IGNORE_INDEX
+    # llama2 writes {{ bos_token }} itself: it must not be added a second time.
+    enc = tokenize_conversation(SINGLE, tok, TokenizationConfig(template="llama2"))
+    assert enc["input_ids"][0] == tok.bos_token_id and enc["input_ids"].count(tok.bos_token_id) == 1
+
+
+def test_template_without_end_marker_gets_eos(tokenizer, tmp_path):
+    plain = tmp_path / "plain.jinja"
+    plain.write_text(
+        "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+        "{% else %}A: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}A: {% endif %}"
+    )
+    enc = tokenize_conversation(SINGLE, tokenizer, TokenizationConfig(template=str(plain)))
+    spans = labeled_spans(enc)
+    assert len(spans) == 1 and spans[0][-1] == tokenizer.eos_token_id
+    # " Paris" is one byte-level token, so the space after "A:" comes along with the content.
+    assert tokenizer.decode(spans[0]).strip() == SINGLE[1]["content"] + tokenizer.eos_token
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "chatml", "alpaca", "llama2"])
+def test_shipped_templates_label_assistant_content(tokenizer, template):
+    enc = tokenize_conversation(MULTI, tokenizer, TokenizationConfig(template=template))
+    decoded = [tokenizer.decode(s) for s in labeled_spans(enc)]
+    assert len(decoded) == 2
+    for text, msg in zip(decoded, (MULTI[2], MULTI[4])):
+        assert msg["content"] in text and text.rstrip().endswith(tokenizer.eos_token)
+    assert MULTI[1]["content"] not in "".join(decoded)
+
+
+def test_system_prompt_prepended_only_when_missing(tokenizer):
+    cfg = TokenizationConfig(system_prompt="Be brief.")
+    enc = tokenize_conversation(SINGLE, tokenizer, cfg)
+    assert tokenizer.decode(enc["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>")
+    enc = tokenize_conversation(MULTI, tokenizer, cfg)
+    text = tokenizer.decode(enc["input_ids"])
+    assert "Be brief." not in text and "You are a helpful assistant." in text
+
+
+def test_conversation_without_assistant_rejected(tokenizer):
+    with pytest.raises(ValueError, match="assistant"):
+        tokenize_conversation(SINGLE[:1], tokenizer, TokenizationConfig())
+
+
+# --- splits ---------------------------------------------------------------------------------------
+
+
+def test_split_is_deterministic_and_stable():
+    ids = [f"row-{i}" for i in range(3000)]
+    first = {i: assign_split(i, 0.1, 0.1) for i in ids}
+    assert first == {i: assign_split(i, 0.1, 0.1) for i in ids}
+    # Adding rows never moves an existing one: the split depends on the id alone.
+    more = ids + [f"new-{i}" for i in range(500)]
+    assert all(assign_split(i, 0.1, 0.1) == first[i] for i in more[:3000])
+    counts = pd.Series(list(first.values())).value_counts(normalize=True)
+    assert abs(counts["test"] - 0.1) < 0.03 and abs(counts["validation"] - 0.1) < 0.03
+    assert {assign_split(i, 0.0, 0.0) for i in ids} == {"train"}
+
+
+# --- the dataset ----------------------------------------------------------------------------------
+
+
+def make_rows(n: int, long_every: int = 0) -> pd.DataFrame:
+    rows = []
+    for i in range(n):
+        answer = f"Answer number {i}: Paris is the capital of France."
+        if long_every and i % long_every == 0:
+            answer = " ".join(["The sea is wide and grey and calm."] * 40)
+        rows.append(make_row([{"role": "user", "content": f"Question {i}?"}, {"role": "assistant", "content": answer}],
+                             source="unit"))
+    return pd.DataFrame(rows)
+
+
+def test_build_writes_loadable_parquet(tiny_model_dir, tmp_path):
+    rows = make_rows(60)
+    info = build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds", TokenizationConfig(max_length=256))
+    assert isinstance(info, SftDatasetInfo)
+    assert sum(info.splits.values()) == 60 and info.splits["train"] > 0
+    assert info.dropped == 0 and info.truncated == 0 and info.template_name == "tokenizer"
+    assert 0 < info.trainable_tokens < info.num_tokens
+    assert sum(info.length_histogram.values()) == 60
+    assert read_sft_dataset_info(tmp_path / "ds") == info
+    json.dumps(info.to_dict())
+
+    from datasets import load_dataset
+
+    ds = load_dataset("parquet", data_files=info.files)
+    assert {name: len(ds[name]) for name in ds} == info.splits
+    train = ds["train"]
+    assert set(train.column_names) == {"id", "input_ids", "attention_mask", "labels", "length"}
+    assert "messages" in ds["test"].column_names or info.splits["test"] == 0
+    ex = train[0]
+    assert ex["length"] == len(ex["input_ids"]) == len(ex["labels"])
+    assert IGNORE_INDEX in ex["labels"] and any(x != IGNORE_INDEX for x in ex["labels"])
+    assert set(rows["id"]) == set(ds["train"]["id"]) | set(ds["validation"]["id"]) | set(ds["test"]["id"])
+    # Each row lands in the split its id says.
+    for name in ds:
+        assert all(assign_split(i, 0.1, 0.1) == name for i in ds[name]["id"])
+
+
+def test_test_split_keeps_messages(tiny_model_dir, tmp_path):
+    rows = make_rows(40)
+    info = build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds", TokenizationConfig(test_fraction=0.5))
+    test = pd.read_parquet(info.files["test"])
+    assert len(test) > 0
+    by_id = dict(zip(rows["id"], rows["messages"]))
+    first = test.iloc[0]
+    assert [dict(m) for m in first["messages"]] == by_id[first["id"]]
+
+
+def test_max_length_drop_vs_truncate(tiny_model_dir, tmp_path):
+    rows = make_rows(30, long_every=3)  # 10 long rows
+    dropped = build_sft_dataset(rows, tiny_model_dir, tmp_path / "drop", TokenizationConfig(max_length=64))
+    assert dropped.dropped == 10 and dropped.truncated == 0
+    assert sum(dropped.splits.values()) == 20
+
+    cut = build_sft_dataset(rows, tiny_model_dir, tmp_path / "cut",
+                            TokenizationConfig(max_length=64, truncation="truncate"))
+    assert cut.dropped == 0 and cut.truncated == 10
+    assert sum(cut.splits.values()) == 30
+    lengths = pd.concat(pd.read_parquet(f) for f in cut.files.values())["length"]
+    assert lengths.max() == 64
+
+
+def test_truncated_rows_without_labels_are_dropped(tiny_model_dir, tmp_path):
+    long_prompt = " ".join(["The sea is wide and grey and calm."] * 40)
+    rows = pd.DataFrame([make_row([{"role": "user", "content": long_prompt}, {"role": "assistant", "content": "Yes."}],
+                                  source="unit")] + make_rows(5).to_dict("records"))
+    info = build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds",
+                             TokenizationConfig(max_length=64, truncation="truncate", validation_fraction=0,
+                                                test_fraction=0))
+    assert info.dropped == 1 and info.splits["train"] == 5
+
+
+def test_empty_train_raises(tiny_model_dir, tmp_path):
+    rows = make_rows(3, long_every=1)  # every row too long
+    with pytest.raises(ValueError, match="train split would be empty"):
+        build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds", TokenizationConfig(max_length=32))
+    assert not (tmp_path / "ds").exists()
+
+
+def test_rebuild_replaces_output(tiny_model_dir, tmp_path):
+    out = tmp_path / "ds"
+    build_sft_dataset(make_rows(20), tiny_model_dir, out, TokenizationConfig())
+    info = build_sft_dataset(make_rows(10), tiny_model_dir, out, TokenizationConfig())
+    assert sum(info.splits.values()) == 10
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_fingerprint(tiny_model_dir):
+    ids = list(make_rows(10)["id"])
+    cfg = TokenizationConfig()
+    fp = fingerprint(ids, tiny_model_dir, cfg)
+    assert fp == fingerprint(list(reversed(ids)), tiny_model_dir, TokenizationConfig())
+    assert fp != fingerprint(ids[:-1], tiny_model_dir, cfg)
+    assert fp != fingerprint(ids, tiny_model_dir, TokenizationConfig(max_length=512))
+    assert fp != fingerprint(ids, tiny_model_dir, TokenizationConfig(template="alpaca"))
+
+
+@pytest.mark.parametrize(
+    "kwargs, field",
+    [
+        ({"max_length": 0}, "max_length"),
+        ({"max_length": "1024"}, "max_length"),
+        ({"truncation": "clip"}, "truncation"),
+        ({"validation_fraction": -0.1}, "validation_fraction"),
+        ({"test_fraction": 1.0}, "test_fraction"),
+        ({"validation_fraction": 0.5, "test_fraction": 0.5}, "validation_fraction"),
+        ({"template": "nonsense"}, "template"),
+        ({"template": "/no/such/template.jinja"}, "template"),
+        ({"system_prompt": 3}, "system_prompt"),
+    ],
+)
+def test_bad_config_raises(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        TokenizationConfig(**kwargs)
