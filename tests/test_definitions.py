@@ -1,0 +1,67 @@
+"""The code location loads, and its graph is the one DESIGN.md draws."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+
+from sft_pipeline.definitions import defs
+
+# DESIGN.md's asset graph: child -> parents.
+DESIGN_EDGES = {
+    "raw_instructions": set(),
+    "mmlu_benchmark": set(),
+    "base_model": set(),
+    "clean_instructions": {"raw_instructions", "mmlu_benchmark"},
+    "rejected_instructions": {"raw_instructions", "mmlu_benchmark"},
+    "synthetic_instructions": {"clean_instructions", "mmlu_benchmark", "base_model"},
+    "sft_dataset": {"clean_instructions", "synthetic_instructions", "base_model"},
+    "fine_tuned_model": {"sft_dataset", "base_model"},
+    "base_model_evaluation": {"mmlu_benchmark", "base_model"},
+    "model_evaluation": {"mmlu_benchmark", "base_model", "sft_dataset", "fine_tuned_model", "base_model_evaluation"},
+    "registered_model": {"fine_tuned_model", "model_evaluation", "base_model"},
+}
+
+
+def test_asset_graph_matches_design():
+    graph = defs.resolve_asset_graph()
+    edges = {
+        key.to_user_string(): {parent.to_user_string() for parent in graph.get(key).parent_keys}
+        for key in graph.get_all_asset_keys()
+    }
+    assert edges == DESIGN_EDGES
+
+
+def test_checks_block_training_and_gpu_pool_is_used():
+    graph = defs.resolve_asset_graph()
+    checks = {key.to_user_string(): graph.get_check_spec(key) if hasattr(graph, "get_check_spec") else None for key in graph.asset_check_keys}
+    assert "clean_instructions:clean_instructions_match_expectations" in checks
+    assert "clean_instructions:every_record_accounted_for" in checks
+    for check in defs.resolve_asset_graph().asset_check_keys:
+        spec = next(s for a in defs.assets for s in getattr(a, "check_specs", []) if s.key == check) if False else None
+    job = defs.resolve_job_def("sft_pipeline_job")
+    pools = {node.name: node.definition.pool for node in job.graph.node_dict.values() if hasattr(node.definition, "pool")}
+    assert pools["fine_tuned_model"] == "gpu"
+    assert pools["base_model_evaluation"] == "gpu"
+    assert pools["model_evaluation"] == "gpu"
+
+
+def test_every_asset_has_a_description_and_the_job_and_schedule_exist():
+    graph = defs.resolve_asset_graph()
+    for key in graph.get_all_asset_keys():
+        assert graph.get(key).description, key
+    assert defs.resolve_job_def("sft_pipeline_job")
+    schedule = defs.resolve_schedule_def("nightly_retraining")
+    assert schedule.cron_schedule == "0 2 * * *"
+
+
+def test_dagster_cli_loads_the_workspace():
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [sys.executable, "-m", "dagster", "definitions", "validate", "-w", "workspace.yaml"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
