@@ -196,15 +196,34 @@ _PREFIX_RE = re.compile(
 _QUOTES = "\"'`\u201c\u201d\u2018\u2019*"
 
 
-def parse_instruction(text: str) -> str:
-    """The first non-empty line of a teacher reply, without numbering, bullets, quotes or a "Task:" label."""
-    line = next((ln.strip() for ln in str(text).splitlines() if ln.strip()), "")
+_PREAMBLE_RE = re.compile(
+    r"^(?:sure|certainly|of course|okay|ok|great|absolutely)[!,.]+\s*"
+    r"|^here(?:'s| is| are)\b[^:]*?(?:task|instruction|example|one)s?\s*[:.!-]\s*",
+    re.IGNORECASE,
+)
+
+
+def _strip_decorations(line: str) -> str:
     # Strip repeatedly: replies like '1. Task: "..."' stack several decorations.
     while True:
-        stripped = _PREFIX_RE.sub("", line, count=1).strip().strip(_QUOTES).strip()
+        stripped = _PREFIX_RE.sub("", line, count=1)
+        stripped = _PREAMBLE_RE.sub("", stripped, count=1).strip().strip(_QUOTES).strip()
         if stripped == line:
             return line
         line = stripped
+
+
+def parse_instruction(text: str) -> str:
+    """The first instruction line of a teacher reply, without numbering, bullets, quotes, "Task:" or "Here's a task:"."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    for i, line in enumerate(lines):
+        # Small chat models often open with a lead-in line ("Here's a new task:"); the task follows it.
+        if line.endswith(":") and i + 1 < len(lines):
+            continue
+        cleaned = _strip_decorations(line)
+        if cleaned:
+            return cleaned
+    return ""
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,17 +85,31 @@ def _safe_name(name: str) -> str:
 
 @contextlib.contextmanager
 def _tracking(tracking_uri: str):
-    """Point MLflow's fluent API at `tracking_uri` for the block, then restore the caller's URIs."""
-    import mlflow
+    """Point MLflow's fluent API at `tracking_uri` for the block, then restore the caller's state exactly.
 
-    prev_tracking, prev_registry = mlflow.get_tracking_uri(), mlflow.get_registry_uri()
+    `mlflow.set_tracking_uri`/`set_registry_uri` also export MLFLOW_TRACKING_URI/MLFLOW_REGISTRY_URI
+    and cannot be undone through the public API: restoring "the previous URI" by calling them again
+    would pin every later `MlflowClient(tracking_uri=...)` in this process to the old registry.
+    So the module globals and environment variables are saved and put back as they were.
+    """
+    import mlflow
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    env_names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    saved_env = {name: os.environ.get(name) for name in env_names}
+    saved_globals = (tracking_utils._tracking_uri, registry_utils._registry_uri)
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_registry_uri(tracking_uri)
     try:
         yield mlflow
     finally:
-        mlflow.set_tracking_uri(prev_tracking)
-        mlflow.set_registry_uri(prev_registry)
+        tracking_utils._tracking_uri, registry_utils._registry_uri = saved_globals
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _pip_requirements() -> list[str]:

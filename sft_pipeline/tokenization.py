@@ -37,18 +37,19 @@ _TOKENIZER_FILES = (
 class TokenizationConfig:
     """How conversations become training sequences."""
 
-    max_length: int = 1024
-    """Longest sequence in tokens; longer ones are dropped or truncated (see `truncation`)."""
-    truncation: str = "drop"
-    """"drop": discard rows longer than max_length; "truncate": cut them (dropped if no label is left)."""
-    validation_fraction: float = 0.1
-    """Share of rows (by id hash) held out for validation loss / early stopping."""
-    test_fraction: float = 0.1
-    """Share of rows (by id hash) held out for the final task evaluation."""
-    system_prompt: str | None = None
-    """System turn to prepend to conversations that have none; None leaves them as they are."""
-    template: str = "tokenizer"
-    """"tokenizer" (its own chat template), a shipped name ("chatml", "alpaca", "llama2") or a .jinja path."""
+    # Each field's help text lives in metadata["help"]: the Dagster config built from this class shows it.
+    max_length: int = field(default=1024, metadata={
+        "help": "Longest sequence in tokens; longer ones are dropped or truncated (see truncation)."})
+    truncation: str = field(default="drop", metadata={
+        "help": "'drop': discard rows longer than max_length; 'truncate': cut them (dropped if no label is left)."})
+    validation_fraction: float = field(default=0.1, metadata={
+        "help": "Share of rows (by id hash) held out for validation loss / early stopping."})
+    test_fraction: float = field(default=0.1, metadata={
+        "help": "Share of rows (by id hash) held out for the final task evaluation."})
+    system_prompt: str | None = field(default=None, metadata={
+        "help": "System turn prepended to conversations that have none; None leaves them as they are."})
+    template: str = field(default="tokenizer", metadata={
+        "help": "'tokenizer' (its own chat template), a shipped name ('chatml', 'alpaca', 'llama2') or a .jinja path."})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -211,15 +212,18 @@ def render_with_spans(
             pos = seg.find(content)
         if pos >= 0:
             start, content_end = seg_start + pos, seg_start + pos + len(content)
-        else:
+        elif content.strip():  # the template rewrote the content: train on the whole turn
             start = content_end = seg_start + len(seg) - len(seg.lstrip())
+        else:  # an empty answer: only the closing marker / EOS is trained
+            start, content_end = None, seg_start
         found = [(full.find(m, content_end, seg_end), m) for m in markers]
         found = [(j, m) for j, m in found if j >= 0]
         if found:
             j, marker = min(found)
-            spans.append((start, j + len(marker), False))
+            spans.append((j if start is None else start, j + len(marker), False))
         else:
-            spans.append((start, seg_start + len(seg.rstrip()), True))
+            end = seg_start + len(seg.rstrip())
+            spans.append((end if start is None else start, end, True))
     return full, spans
 
 
@@ -249,7 +253,9 @@ def _encode(
                 labels[k] = ids[k]
                 last = k
         if needs_eos and tokenizer.eos_token_id is not None:
-            inserts.append(last + 1 if last is not None else len(ids))
+            if last is None:  # empty answer: EOS goes where the turn's text would have been
+                last = next((k for k, (a, _) in enumerate(offsets) if a >= start), len(ids)) - 1
+            inserts.append(last + 1)
     for k in sorted(inserts, reverse=True):
         ids.insert(k, tokenizer.eos_token_id)
         labels.insert(k, tokenizer.eos_token_id)
@@ -402,6 +408,31 @@ def read_sft_dataset_info(out_dir: str | Path) -> SftDatasetInfo | None:
     if not path.is_file():
         return None
     return SftDatasetInfo.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def load_sft_splits(path_or_info: str | Path | SftDatasetInfo, splits: Iterable[str] = SPLITS):
+    """A datasets.DatasetDict of the named splits, each loaded from its own Parquet file.
+
+    Splits are loaded one by one because test.parquet has an extra `messages` column, and
+    `load_dataset("parquet", data_files={...})` needs the same columns in every file. An empty
+    split (too few rows) comes back as an empty Dataset with the right columns, where
+    `load_dataset` itself would fail on a file with no rows.
+    """
+    import pyarrow.parquet as pq
+    from datasets import Dataset, DatasetDict, Features, load_dataset
+
+    info = path_or_info if isinstance(path_or_info, SftDatasetInfo) else read_sft_dataset_info(path_or_info)
+    if info is None:
+        raise FileNotFoundError(f"no complete sft dataset at {path_or_info} (missing {INFO_FILE})")
+    out = {}
+    for split in splits:
+        path = info.files[split]
+        if info.splits.get(split, 0) == 0:
+            schema = pq.read_schema(path)
+            out[split] = Dataset.from_dict({n: [] for n in schema.names}, features=Features.from_arrow_schema(schema))
+        else:
+            out[split] = load_dataset("parquet", data_files=path, split="train")
+    return DatasetDict(out)
 
 
 def tokenizer_files_hash(model_dir: str | Path) -> str:

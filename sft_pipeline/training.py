@@ -14,6 +14,7 @@ column, so nothing is tokenized or templated twice and the loss stays on assista
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 SUPPORTED_METHODS = ("lora", "full")
 # Named so a user asking for them gets "not yet" rather than "unknown".
 PLANNED_METHODS = ("qlora", "freeze", "8bit")
+# transformers' SchedulerType values (the ones that need no extra kwargs); listed here rather
+# than imported so building a config does not import torch (seconds) in the Dagster process.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
 RECORD_FILE = "training_record.json"
 ADAPTER_SUBDIR = "adapter"
 FULL_MODEL_SUBDIR = "model"
@@ -143,10 +148,8 @@ class TrainingConfig:
             raise bad("lora_target_modules", "must be 'all-linear' or a non-empty list of module names")
         if isinstance(t, tuple):
             self.lora_target_modules = list(t)
-        from transformers import SchedulerType  # light import; the names are transformers' own
-
-        if self.lr_scheduler_type not in {s.value for s in SchedulerType}:
-            raise bad("lr_scheduler_type", f"must be one of {sorted(s.value for s in SchedulerType)}")
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise bad("lr_scheduler_type", f"must be one of {list(LR_SCHEDULERS)}")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise bad("bf16", "must be true, false or null")
         if not isinstance(self.gradient_checkpointing, bool):
@@ -453,8 +456,11 @@ def build_trainer(cfg: TrainingConfig, callbacks: list | None = None):
     return trainer, tokenizer, splits
 
 
-def train(cfg: TrainingConfig) -> TrainingResult:
-    """Fine-tune `cfg.model_dir` on `cfg.dataset_dir`, save the weights and a training record."""
+def train(cfg: TrainingConfig | dict[str, Any]) -> TrainingResult:
+    """Fine-tune `cfg.model_dir` on `cfg.dataset_dir`, save the weights and a training record.
+
+    Raises RuntimeError if the training loss is not finite (nothing is saved then).
+    """
     if isinstance(cfg, dict):
         cfg = TrainingConfig.from_dict(cfg)
     cfg.validate()
@@ -466,9 +472,10 @@ def train(cfg: TrainingConfig) -> TrainingResult:
     mlflow_run = _MlflowRun(cfg) if (cfg.mlflow_tracking_uri and is_main) else None
     try:
         result = _train(cfg, mlflow_run, is_main)
-    except BaseException:
+    except BaseException as exc:
         if mlflow_run is not None:
-            mlflow_run.end("FAILED")
+            with contextlib.suppress(Exception):  # never mask the training error
+                mlflow_run.end("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     if mlflow_run is not None:
         final = {"final_train_loss": result.train_loss, "mean_train_loss": result.mean_train_loss,
@@ -517,6 +524,10 @@ def _train(cfg: TrainingConfig, mlflow_run: _MlflowRun | None, is_main: bool) ->
     if is_main:
         tokenizer.save_pretrained(weights_dir)
         (weights_dir / "training_args.bin").unlink(missing_ok=True)  # pickled; not needed to load
+
+    if is_main:  # the Trainer's own output_dir stays empty with save_strategy="no"
+        with contextlib.suppress(OSError):
+            Path(trainer.args.output_dir).rmdir()
 
     tokens = int(trainer.state.num_input_tokens_seen)
     result = TrainingResult(

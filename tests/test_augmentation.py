@@ -137,6 +137,11 @@ def test_parse_instruction_strips_decorations():
     assert parse_instruction("- (3) Instruction: 'List fruits.'") == "List fruits."
     assert parse_instruction("1.5 liters of water: how many cups?") == "1.5 liters of water: how many cups?"
     assert parse_instruction("   \n ") == ""
+    # Lead-ins small chat models like to write before the task.
+    assert parse_instruction("Sure! Here's a new task:\n\n1. Write a limerick.") == "Write a limerick."
+    assert parse_instruction("Here is a new task: Plan a trip to Rome.") == "Plan a trip to Rome."
+    assert parse_instruction("Here's a new task:") == ""
+    assert parse_instruction("Great Wall facts: list five.") == "Great Wall facts: list five."
 
 
 def test_response_problem_codes():

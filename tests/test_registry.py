@@ -88,3 +88,19 @@ def test_bad_inputs(tmp_path, tiny_model_dir):
     with pytest.raises(FileNotFoundError, match="adapter_dir"):
         register_model(f"sqlite:///{tmp_path}/m.db", "x", tmp_path / "nope", tiny_model_dir,
                        metrics={}, params={}, tags={})
+
+
+def test_registering_leaves_no_global_mlflow_uri_behind(tmp_path):
+    """After register_model, a client for another store must still talk to that store."""
+    import os
+
+    import mlflow
+
+    from sft_pipeline.registry import _tracking
+
+    before = (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI"))
+    with _tracking(f"sqlite:///{tmp_path / 'a.db'}"):
+        pass
+    other = f"sqlite:///{tmp_path / 'b.db'}"
+    assert mlflow.MlflowClient(tracking_uri=other)._registry_uri == other
+    assert (mlflow.get_tracking_uri(), os.environ.get("MLFLOW_TRACKING_URI"), os.environ.get("MLFLOW_REGISTRY_URI")) == before

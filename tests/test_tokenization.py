@@ -15,6 +15,7 @@ from sft_pipeline.tokenization import (
     assign_split,
     build_sft_dataset,
     fingerprint,
+    load_sft_splits,
     read_sft_dataset_info,
     tokenize_conversation,
 )
@@ -180,11 +181,14 @@ def test_build_writes_loadable_parquet(tiny_model_dir, tmp_path):
 
     from datasets import load_dataset
 
-    ds = load_dataset("parquet", data_files=info.files)
+    # train and validation share columns and load together; test has `messages` too, so alone.
+    ds = load_dataset("parquet", data_files={s: info.files[s] for s in ("train", "validation")})
+    ds["test"] = load_dataset("parquet", data_files=info.files["test"], split="train")
     assert {name: len(ds[name]) for name in ds} == info.splits
     train = ds["train"]
     assert set(train.column_names) == {"id", "input_ids", "attention_mask", "labels", "length"}
-    assert "messages" in ds["test"].column_names or info.splits["test"] == 0
+    assert set(ds["test"].column_names) == set(train.column_names) | {"messages"}
+    assert {n: len(d) for n, d in load_sft_splits(tmp_path / "ds").items()} == info.splits
     ex = train[0]
     assert ex["length"] == len(ex["input_ids"]) == len(ex["labels"])
     assert IGNORE_INDEX in ex["labels"] and any(x != IGNORE_INDEX for x in ex["labels"])
@@ -192,6 +196,16 @@ def test_build_writes_loadable_parquet(tiny_model_dir, tmp_path):
     # Each row lands in the split its id says.
     for name in ds:
         assert all(assign_split(i, 0.1, 0.1) == name for i in ds[name]["id"])
+
+
+def test_empty_splits_still_load(tiny_model_dir, tmp_path):
+    info = build_sft_dataset(make_rows(5), tiny_model_dir, tmp_path / "ds",
+                             TokenizationConfig(validation_fraction=0, test_fraction=0))
+    assert info.splits == {"train": 5, "validation": 0, "test": 0}
+    ds = load_sft_splits(info)
+    assert len(ds["validation"]) == 0 and "labels" in ds["validation"].column_names
+    assert "messages" in ds["test"].column_names
+    assert len(pd.read_parquet(info.files["validation"])) == 0
 
 
 def test_test_split_keeps_messages(tiny_model_dir, tmp_path):
@@ -270,3 +284,18 @@ def test_fingerprint(tiny_model_dir):
 def test_bad_config_raises(kwargs, field):
     with pytest.raises(ValueError, match=field):
         TokenizationConfig(**kwargs)
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "plain"])
+def test_empty_answer_trains_only_the_end(tokenizer, tmp_path, template):
+    if template == "plain":
+        template = str(tmp_path / "plain.jinja")
+        (tmp_path / "plain.jinja").write_text(
+            "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+            "{% else %}A: {{ m['content'] }}\n{% endif %}{% endfor %}"
+        )
+    msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ""},
+            {"role": "user", "content": "Again"}, {"role": "assistant", "content": "Paris"}]
+    enc = tokenize_conversation(msgs, tokenizer, TokenizationConfig(template=template))
+    spans = [tokenizer.decode(s).strip() for s in labeled_spans(enc)]
+    assert spans == [tokenizer.eos_token, "Paris" + tokenizer.eos_token]

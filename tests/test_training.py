@@ -111,7 +111,8 @@ def test_collator_keeps_provided_labels(tiny_model_dir, tiny_dataset_dir, tmp_pa
     import torch
 
     trainer, tok, _ = build_trainer(_cfg(tiny_model_dir, tiny_dataset_dir, tmp_path, seed=0))
-    rows = {tuple(r.input_ids): list(r.labels) for r in pd.read_parquet(tiny_dataset_dir / "train.parquet").itertuples()}
+    df = pd.read_parquet(tiny_dataset_dir / "train.parquet")
+    rows = {tuple(r.input_ids): list(r.labels) for r in df.itertuples()}
     batch = next(iter(trainer.get_train_dataloader()))
     assert set(batch) >= {"input_ids", "labels", "attention_mask"}
     for ids, labels, mask in zip(batch["input_ids"], batch["labels"], batch["attention_mask"]):
@@ -221,3 +222,12 @@ def test_mlflow_logs_per_step_metrics(tiny_model_dir, tiny_dataset_dir, tmp_path
     # artifacts live beside the DB, not in the current directory
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
     assert "training_record.json" in [f.path for f in client.list_artifacts(r.mlflow_run_id)]
+
+
+def test_import_needs_neither_mlflow_nor_dagster():
+    """Importing and configuring pulls in neither mlflow/dagster (absent on a GPU box) nor torch (slow)."""
+    code = ("import sys, sft_pipeline.training as t; t.TrainingConfig(model_dir='m', dataset_dir='d', output_dir='o');"
+            "print(sorted(m for m in ('mlflow', 'dagster', 'torch') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
