@@ -108,7 +108,7 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
     assert version.tags["dagster_run_id"] == result.run_id
     training_run = client.get_run(materialized["fine_tuned_model"]["mlflow_run_id"].value)
     assert training_run.data.tags["dagster_run_id"] == result.run_id
-    assert len(client.get_metric_history(training_run.info.run_id, "loss")) == 3
+    assert len(client.get_metric_history(training_run.info.run_id, "train_loss")) == 3
 
     # A second run reuses the converted base model and registers a second version.
     second = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
