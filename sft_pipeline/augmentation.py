@@ -50,11 +50,11 @@ REASONS = (
 class SelfInstructConfig:
     """Settings of one Self-Instruct run; defaults fit the CPU demo."""
 
-    num_instructions: int = field(default=8, metadata={"help": "Target number of accepted synthetic rows; 0 skips generation."})
-    max_attempts: int = field(default=40, metadata={"help": "Budget of teacher.generate calls (instruction and response calls both count)."})
+    num_instructions: int = field(default=4, metadata={"help": "Target number of accepted synthetic rows; 0 skips generation."})
+    max_attempts: int = field(default=8, metadata={"help": "Budget of teacher.generate calls (instruction and response calls both count)."})
     seed_tasks_per_prompt: int = field(default=4, metadata={"help": "Example tasks shown to the teacher in each instruction prompt."})
     max_new_tokens_instruction: int = field(default=48, metadata={"help": "Token limit when the teacher writes a new instruction."})
-    max_new_tokens_response: int = field(default=160, metadata={"help": "Token limit when the teacher answers an instruction."})
+    max_new_tokens_response: int = field(default=128, metadata={"help": "Token limit when the teacher answers an instruction."})
     temperature: float = field(default=0.8, metadata={"help": "Sampling temperature; 0 means greedy decoding."})
     top_p: float = field(default=0.95, metadata={"help": "Nucleus sampling mass, in (0, 1]."})
     rouge_threshold: float = field(default=0.7, metadata={"help": "Reject a candidate whose ROUGE-L F1 to any pool or benchmark text is above this."})

@@ -52,7 +52,7 @@ class TrainingConfig:
         default="lora", metadata={"help": "Fine-tuning method: 'lora' (adapter only) or 'full' (all weights)."}
     )
     max_steps: int = field(
-        default=30, metadata={"help": "Optimizer steps to run; <= 0 means train for `num_train_epochs` instead."}
+        default=20, metadata={"help": "Optimizer steps to run; <= 0 means train for `num_train_epochs` instead."}
     )
     num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to run when `max_steps` <= 0."})
     learning_rate: float = field(
@@ -577,7 +577,8 @@ def main(argv: list[str] | None = None) -> int:
         if ns.output_json:
             Path(ns.output_json).parent.mkdir(parents=True, exist_ok=True)
             Path(ns.output_json).write_text(text)
-        print(text)
+        else:
+            print(text)
     return 0
 
 

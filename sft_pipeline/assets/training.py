@@ -61,7 +61,7 @@ def run_training_process(cfg: TrainingConfig, workdir: Path, log) -> dict:
         for line in process.stdout:  # type: ignore[union-attr]
             line = line.rstrip()
             tail = (tail + [line])[-40:]
-            if line and not line.startswith(("{", "}", " ", "\"")):
+            if line:
                 log.info(line)
     if process.returncode != 0:
         raise RuntimeError(f"training process exited with {process.returncode}; last output:\n" + "\n".join(tail))
