@@ -11,8 +11,11 @@ from sft_pipeline.schema import read_rows, write_rows
 
 SyntheticInstructionsConfig = config_from_dataclass(SelfInstructConfig, "SyntheticInstructionsConfig")
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
 
-@dg.asset(group_name="data", kinds={"pytorch", "parquet"}, deps=["clean_instructions", "base_model", "mmlu_benchmark"])
+
+@dg.asset(code_version=CODE_VERSION, group_name="data", kinds={"pytorch", "parquet"}, deps=["clean_instructions", "base_model", "mmlu_benchmark"])
 def synthetic_instructions(context: dg.AssetExecutionContext, config: SyntheticInstructionsConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """Self-Instruct rows written by the base model as teacher from the clean seed pool, with provenance."""
     cfg = SelfInstructConfig(**domain_kwargs(config, SelfInstructConfig))

@@ -19,6 +19,8 @@ from sft_pipeline.quality import conversation_view, curation_summary, suite_path
 from sft_pipeline.resources import PipelineStorage
 from sft_pipeline.schema import read_rows, write_rows
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
 GROUP = "data"
 
 
@@ -44,7 +46,7 @@ class RawInstructionsConfig(dg.Config):
 CleanInstructionsConfig = config_from_dataclass(CurationConfig, "CleanInstructionsConfig")
 
 
-@dg.asset(group_name=GROUP, kinds={"pandas", "parquet"})
+@dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"pandas", "parquet"})
 def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """Every source record mapped to the canonical row schema, with provenance; unreadable records set aside."""
     specs = [SourceSpec(**source.model_dump()) for source in config.sources] or default_sources()
@@ -68,6 +70,7 @@ def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) ->
 
 @dg.multi_asset(
     group_name=GROUP,
+    code_version=CODE_VERSION,
     outs={
         "clean_instructions": dg.AssetOut(kinds={"pandas", "parquet"}, description="Normalized, filtered, deduplicated, decontaminated rows."),
         "rejected_instructions": dg.AssetOut(kinds={"pandas", "parquet"}, description="Every record that did not make it, with source, position and reason."),

@@ -11,8 +11,11 @@ from sft_pipeline.tokenization import TokenizationConfig, build_sft_dataset
 
 SftDatasetConfig = config_from_dataclass(TokenizationConfig, "SftDatasetConfig")
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
 
-@dg.asset(group_name="data", kinds={"huggingface", "parquet"}, deps=["clean_instructions", "synthetic_instructions", "base_model"])
+
+@dg.asset(code_version=CODE_VERSION, group_name="data", kinds={"huggingface", "parquet"}, deps=["clean_instructions", "synthetic_instructions", "base_model"])
 def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """Human and synthetic rows rendered with the chat template, tokenized with assistant-only labels, split to Parquet."""
     human = read_rows(storage.asset_dir("clean_instructions") / "rows.parquet")

@@ -19,6 +19,8 @@ from sft_pipeline.evaluation import (
 )
 from sft_pipeline.resources import PipelineStorage
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
 GROUP = "evaluation"
 DEFAULT_SUBJECTS = ["astronomy", "marketing", "high_school_geography", "college_computer_science"]
 
@@ -52,7 +54,7 @@ class ModelEvaluationConfig(EvaluationConfig):
     )
 
 
-@dg.asset(group_name=GROUP, kinds={"pandas", "parquet"})
+@dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"pandas", "parquet"})
 def mmlu_benchmark(config: MmluBenchmarkConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """The MMLU question subset used for evaluation (and for decontaminating training data)."""
     questions = load_mmlu(config.source, config.subjects, config.questions_per_subject, config.seed)
@@ -90,7 +92,7 @@ def _accuracy_chart(per_subject: dict[str, dict[str, float]]) -> dg.MetadataValu
     return png_markdown(figure)
 
 
-@dg.asset(group_name=GROUP, kinds={"pytorch"}, pool="gpu", deps=["base_model", "mmlu_benchmark"])
+@dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"pytorch"}, pool="gpu", deps=["base_model", "mmlu_benchmark"])
 def base_model_evaluation(config: EvaluationConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """Per-question MMLU predictions and scores of the base model."""
     questions = pd.read_parquet(storage.asset_dir("mmlu_benchmark") / "questions.parquet")
@@ -123,6 +125,7 @@ def gate_verdict(comparison: dict, base_test: dict, tuned_test: dict, max_mmlu_d
 
 
 @dg.asset(
+    code_version=CODE_VERSION,
     group_name=GROUP,
     kinds={"pytorch"},
     pool="gpu",

@@ -7,6 +7,8 @@ import pydantic
 from sft_pipeline.base_model import default_base_model_source, resolve_base_model
 from sft_pipeline.resources import PipelineStorage
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
 GROUP = "models"
 
 
@@ -22,7 +24,7 @@ class BaseModelConfig(dg.Config):
     trust_remote_code: bool = pydantic.Field(default=False, description="Allow model code from the hub; off unless you trust the source.")
 
 
-@dg.asset(group_name=GROUP, kinds={"huggingface"})
+@dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"huggingface"})
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """The base model and tokenizer, converted to Hugging Face format once and reused while the source is unchanged."""
     source = config.source or default_base_model_source()

@@ -7,6 +7,9 @@ import pydantic
 from sft_pipeline.registry import register_model
 from sft_pipeline.resources import MlflowTracking, PipelineStorage
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
+
 
 class RegisteredModelConfig(dg.Config):
     """Which aliases the new version gets."""
@@ -15,7 +18,7 @@ class RegisteredModelConfig(dg.Config):
     champion_alias: str = pydantic.Field(default="champion", description="Alias given only when the evaluation gate passes.")
 
 
-@dg.asset(group_name="deployment", kinds={"mlflow"}, deps=["fine_tuned_model", "model_evaluation", "base_model"])
+@dg.asset(code_version=CODE_VERSION, group_name="deployment", kinds={"mlflow"}, deps=["fine_tuned_model", "model_evaluation", "base_model"])
 def registered_model(
     context: dg.AssetExecutionContext, config: RegisteredModelConfig, storage: PipelineStorage, mlflow_tracking: MlflowTracking
 ) -> dg.MaterializeResult:

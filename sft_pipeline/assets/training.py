@@ -28,6 +28,9 @@ FineTunedModelConfig = config_from_dataclass(
     track_with_mlflow=(bool, pydantic.Field(default=True, description="Log parameters and per-step metrics to MLflow.")),
 )
 
+# Bump when this stage's logic changes, so Dagster marks its assets stale.
+CODE_VERSION = "1"
+
 
 def loss_curve(history: list[dict]) -> dg.MetadataValue:
     """Training and validation loss against steps, as an inline plot."""
@@ -68,7 +71,7 @@ def run_training_process(cfg: TrainingConfig, workdir: Path, log) -> dict:
     return json.loads(result_path.read_text())
 
 
-@dg.asset(group_name="models", kinds={"pytorch"}, pool="gpu", deps=["sft_dataset", "base_model"])
+@dg.asset(code_version=CODE_VERSION, group_name="models", kinds={"pytorch"}, pool="gpu", deps=["sft_dataset", "base_model"])
 def fine_tuned_model(
     context: dg.AssetExecutionContext, config: FineTunedModelConfig, storage: PipelineStorage, mlflow_tracking: MlflowTracking
 ) -> dg.MaterializeResult:
