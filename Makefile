@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
 
-.PHONY: install demo test test-fast ui mlflow-ui clean
+.PHONY: install browser demo test test-fast test-e2e bench ui mlflow-ui clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), f"Python >= 3.11 needed, found {sys.version.split()[0]}"'
@@ -29,13 +29,29 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Debian's Chromium for the browser test (tests/e2e). Installed with apt-get where we are root;
+# elsewhere the browser test skips and says why.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \
+	      || echo "chromium could not be installed: the browser test will be skipped"; \
+	  else echo "chromium is not installed and apt-get is not usable here: the browser test will be skipped"; fi; }
+
 demo: install  ## materialize every asset on the embedded defaults, then print where to look
 	$(PY) -m sft_pipeline.demo
 
-test: install  ## the whole test suite, slow full-graph tests included
+test: install browser  ## the whole test suite, slow full-graph and browser tests included
 	$(PY) -m pytest
 
-test-fast: install  ## everything but the slow full-graph and training runs
+test-e2e: install browser  ## only the browser test: Materialize all in the Dagster UI, review in MLflow
+	SFT_PIPELINE_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(PY) -m pytest tests/e2e -v
+
+bench: install  ## the speed benchmarks (extra packages: pip install -e '.[bench]')
+	$(PY) -m pip install --quiet -e '.[bench]'
+	$(PY) bench/curation.py && $(PY) bench/tokenization.py && $(PY) bench/augmentation.py && $(PY) bench/evaluation.py
+
+test-fast: install  ## everything but the slow full-graph, training and browser runs
 	$(PY) -m pytest -m "not slow"
 
 ui: install  ## the Dagster UI on the persistent instance in dagster_home/
