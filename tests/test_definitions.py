@@ -65,3 +65,12 @@ def test_dagster_cli_loads_the_workspace():
         text=True,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_jobs_schedule_sensor_and_registry_pool():
+    for name in ("sft_pipeline_job", "data_job", "eval_job"):
+        assert defs.resolve_job_def(name)
+    assert defs.resolve_sensor_def("raw_data_sensor").job_name == "sft_pipeline_job"
+    assert defs.resolve_schedule_def("nightly_retraining").job_name == "sft_pipeline_job"
+    job = defs.resolve_job_def("sft_pipeline_job")
+    assert job.graph.node_dict["registered_model"].definition.pool == "registry"

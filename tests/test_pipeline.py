@@ -110,9 +110,12 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
     assert training_run.data.tags["dagster_run_id"] == result.run_id
     assert len(client.get_metric_history(training_run.info.run_id, "train_loss")) == 3
 
-    # A second run reuses the converted base model and registers a second version.
-    second = job.execute_in_process(run_config=tiny_run_config(tiny_model_dir), instance=instance)
+    # A second run with other training settings reuses the converted base model and the base
+    # model's evaluation, and registers a second version.
+    retrain = tiny_run_config(tiny_model_dir, fine_tuned_model={"config": {"max_steps": 4, "eval_steps": 2}})
+    second = job.execute_in_process(run_config=retrain, instance=instance)
     assert second.success
     again = {e.asset_key.to_user_string(): e.materialization.metadata for e in second.get_asset_materialization_events()}
     assert again["base_model"]["reused"].value is True
+    assert again["base_model_evaluation"]["reused"].value is True
     assert again["registered_model"]["version"].value == 2
