@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import pandas as pd
 
-from sft_pipeline.schema import REJECT_COLUMNS, ROLES, ROW_COLUMNS, make_reject, make_row
+from sft_pipeline.schema import RAW_TEXT_LIMIT, REJECT_COLUMNS, ROLES, ROW_COLUMNS, make_reject, make_row
 
 log = logging.getLogger(__name__)
 
@@ -25,6 +25,9 @@ FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 HF_PREFIX = "hf://"
 PACKAGE_DATA = Path(__file__).parent / "data"
 DEFAULT_SEED_FILES = ("seed_alpaca.jsonl", "seed_sharegpt.jsonl")
+# A record larger than this (characters of text, or bytes of a JSONL line) is rejected as
+# `oversized_record` before it is parsed or mapped: no training example is a megabyte long.
+DEFAULT_MAX_RECORD_CHARS = 1_000_000
 
 # ShareGPT speaker names seen in the wild, mapped to canonical roles.
 SHAREGPT_ROLES = {
@@ -181,9 +184,33 @@ def _rename(record: dict[str, Any], columns: dict[str, str]) -> dict[str, Any]:
 Item = tuple[int, dict[str, Any] | None, Any, str | None, str | None]
 
 
-def _read_jsonl(path: Path) -> Iterator[Item]:
+def _record_chars(value: Any, limit: int) -> int:
+    """Characters of text in a record (strings, keys, and nested lists/dicts), counted up to `limit`."""
+    total = 0
+    stack = [value]
+    while stack and total <= limit:
+        item = stack.pop()
+        if isinstance(item, str):
+            total += len(item)
+        elif isinstance(item, dict):
+            total += sum(len(k) for k in item if isinstance(k, str))
+            stack.extend(item.values())
+        elif isinstance(item, (list, tuple)):
+            stack.extend(item)
+        elif hasattr(item, "tolist"):
+            stack.append(item.tolist())
+        elif isinstance(item, bytes):
+            total += len(item)
+    return total
+
+
+def _read_jsonl(path: Path, max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> Iterator[Item]:
     with open(path, "rb") as handle:
         for line_no, raw_bytes in enumerate(handle, start=1):
+            if len(raw_bytes) > max_record_chars:
+                detail = f"line has {len(raw_bytes):,} bytes, more than max_record_chars={max_record_chars:,}; not parsed"
+                yield line_no, None, raw_bytes[:RAW_TEXT_LIMIT].decode("utf-8", "replace"), "oversized_record", detail
+                continue
             try:
                 line = raw_bytes.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -252,10 +279,24 @@ def _read_hf_dataset(spec: SourceSpec) -> Iterator[Item]:
         name = spec.path[len(HF_PREFIX):]
         try:
             dataset = datasets.load_dataset(name, split=spec.split, revision=spec.revision)
-        except FileNotFoundError as err:
-            raise FileNotFoundError(f"Hugging Face dataset {name!r} (split {spec.split!r}) not found: {err}") from err
+        except FileNotFoundError as err:  # DatasetNotFoundError is one
+            raise FileNotFoundError(
+                f"Hugging Face dataset {name!r} (split {spec.split!r}, revision {spec.revision or 'default'}) not found: {err}"
+            ) from err
+        except (ConnectionError, OSError) as err:
+            raise FileNotFoundError(
+                f"Hugging Face dataset {name!r} (split {spec.split!r}, revision {spec.revision or 'default'}) could not be reached "
+                f"and is not in the local cache: {err}"
+            ) from err
+        except ValueError as err:  # an unknown split, among others
+            raise ValueError(f"Hugging Face dataset {name!r}: {err}") from err
+        except datasets.exceptions.DatasetGenerationError as err:
+            raise ValueError(f"Hugging Face dataset {name!r} (split {spec.split!r}) could not be built: {err.__cause__ or err}") from err
     else:
-        dataset = datasets.load_from_disk(spec.path)
+        try:
+            dataset = datasets.load_from_disk(spec.path)
+        except (FileNotFoundError, ValueError) as err:
+            raise FileNotFoundError(f"saved dataset folder {spec.path!r} could not be loaded: {err}") from err
         if isinstance(dataset, datasets.DatasetDict):
             if spec.split not in dataset:
                 raise ValueError(f"{spec.path}: split {spec.split!r} not in {list(dataset)}")
@@ -301,25 +342,48 @@ def source_name(spec: SourceSpec) -> str:
     return Path(spec.path.split("*")[0]).stem or Path(spec.path).parent.name
 
 
-def _iter_source(spec: SourceSpec) -> Iterator[tuple[str, Item]]:
+def _iter_source(spec: SourceSpec, max_record_chars: int) -> Iterator[tuple[str, Item]]:
     if spec.path.startswith(HF_PREFIX) or _is_saved_dataset(Path(spec.path)):
-        for item in _read_hf_dataset(spec):
-            yield spec.path, item
+        items: Iterator[Item] = _read_hf_dataset(spec)
+        yield from ((spec.path, item) for item in _limit_size(items, max_record_chars))
         return
     for file in expand_source(spec):
-        for item in READERS[file.suffix](file):
+        if file.suffix == ".jsonl":
+            items = _read_jsonl(file, max_record_chars)
+        else:
+            items = _limit_size(READERS[file.suffix](file), max_record_chars)
+        for item in items:
             yield str(file), item
 
 
-def load_sources(specs: list[SourceSpec]) -> IngestResult:
-    """Read every source; each record becomes a canonical row or a rejected row with a reason."""
+def _limit_size(items: Iterator[Item], max_record_chars: int) -> Iterator[Item]:
+    """Turn records with more than `max_record_chars` characters of text into `oversized_record` rejects."""
+    for position, record, raw, reason, detail in items:
+        if record is not None:
+            size = _record_chars(record, max_record_chars)
+            if size > max_record_chars:
+                preview = {k: (v[:200] if isinstance(v, str) else v) for k, v in list(record.items())[:20]}
+                detail = f"record has more than max_record_chars={max_record_chars:,} characters of text; not mapped"
+                yield position, None, preview, "oversized_record", detail
+                continue
+        yield position, record, raw, reason, detail
+
+
+def load_sources(specs: list[SourceSpec], max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> IngestResult:
+    """Read every source; each record becomes a canonical row or a rejected row with a reason.
+
+    A missing file, folder, glob or dataset raises an error naming it; an empty source gives
+    no rows and counts 0 records. Records larger than `max_record_chars` are rejected unparsed.
+    """
+    if max_record_chars < 1:
+        raise ValueError(f"max_record_chars must be >= 1, got {max_record_chars}")
     rows: list[dict[str, Any]] = []
     rejected: list[dict[str, Any]] = []
     counts: dict[str, int] = {}
     for spec in specs:
         name = source_name(spec)
         counts.setdefault(name, 0)
-        for file, (position, record, raw, reason, detail) in _iter_source(spec):
+        for file, (position, record, raw, reason, detail) in _iter_source(spec, max_record_chars):
             counts[name] += 1
             where = {"source": name, "source_file": file, "source_index": position}
             if record is None:

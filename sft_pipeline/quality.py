@@ -122,7 +122,10 @@ def validate_frame(frame: pd.DataFrame, path: str | Path) -> SuiteResult:
 
 
 def conversation_view(rows: pd.DataFrame) -> pd.DataFrame:
-    """Scalar columns of canonical rows that suites check: roles, turn counts, lengths."""
+    """Scalar columns of canonical rows that suites check: roles, turn counts, lengths in
+    characters and in approximate tokens (`sft_pipeline.curation.approx_token_count`)."""
+    from sft_pipeline.curation import approx_token_count
+
     messages = rows["messages"] if "messages" in rows else pd.Series([], dtype=object)
     roles = [[m["role"] for m in turns] for turns in messages]
     return pd.DataFrame(
@@ -136,6 +139,9 @@ def conversation_view(rows: pd.DataFrame) -> pd.DataFrame:
             "last_role": [r[-1] if r else None for r in roles],
             "num_turns": [len(r) for r in roles],
             "conversation_chars": [sum(len(m["content"]) for m in turns) for turns in messages],
+            "approx_tokens": [sum(approx_token_count(m["content"]) for m in turns) for turns in messages],
+            "prompt_chars": [sum(len(m["content"]) for m in turns if m["role"] == "user") for turns in messages],
+            "response_chars": [sum(len(m["content"]) for m in turns if m["role"] == "assistant") for turns in messages],
         }
     )
 
@@ -145,4 +151,12 @@ def curation_summary(rows_in: int, kept: int, rejected: int) -> pd.DataFrame:
     return pd.DataFrame(
         [{"rows_in": rows_in, "kept": kept, "rejected": rejected, "accounted": kept + rejected,
           "rejected_share": (rejected / rows_in) if rows_in else 0.0}]
+    )
+
+
+def ingest_summary(records: int, rows: int, unreadable: int) -> pd.DataFrame:
+    """A one-row table of the ingest accounting, for the `ingest_summary` suite."""
+    return pd.DataFrame(
+        [{"records": records, "rows": rows, "unreadable": unreadable, "accounted": rows + unreadable,
+          "unreadable_share": (unreadable / records) if records else 0.0}]
     )

@@ -131,3 +131,113 @@ def test_packaged_seed_set_is_large_diverse_and_clean():
     assert {"seed_alpaca", "seed_sharegpt"} == set(result.rows["source"])
     multi_turn = result.rows["messages"].map(lambda m: sum(t["role"] == "assistant" for t in m) > 1)
     assert multi_turn.sum() >= 10
+
+
+# ---------------------------------------------------------------- deeper: every bad-input kind, every source kind
+
+
+def test_oversized_records_are_rejected_unparsed_in_every_format(tmp_path):
+    big = {"instruction": "Summarize.", "input": "word " * 400, "output": "Short."}
+    small = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
+    write_jsonl(tmp_path / "a.jsonl", [small, big, "{" + "x" * 5000])  # an oversized line is not even parsed
+    (tmp_path / "b.json").write_text(json.dumps([small, big]))
+    pd.DataFrame([small, big]).to_csv(tmp_path / "c.csv", index=False)
+    pd.DataFrame([{"messages": [{"role": "user", "content": "q " * 600}, {"role": "assistant", "content": "a"}]}, MESSAGES]).to_parquet(tmp_path / "d.parquet")
+    result = load_sources([SourceSpec(str(tmp_path / name)) for name in ("a.jsonl", "b.json", "c.csv", "d.parquet")], max_record_chars=1000)
+    oversized = result.rejected[result.rejected["reason"] == "oversized_record"]
+    assert sorted(zip(oversized["source"], oversized["source_index"])) == [("a", 2), ("a", 3), ("b", 1), ("c", 1), ("d", 0)]
+    assert oversized["detail"].str.contains("max_record_chars=1,000").all()
+    assert oversized["raw"].str.len().max() <= 2000
+    assert len(result.rows) == 4 and len(result.rows) + len(result.rejected) == sum(result.records_per_source.values()) == 9
+    with pytest.raises(ValueError, match="max_record_chars"):
+        load_sources([SourceSpec(str(tmp_path / "a.jsonl"))], max_record_chars=0)
+
+
+def test_wrong_types_and_missing_fields_in_tabular_sources(tmp_path):
+    # Parquet keeps types: a numeric output is a wrong type, a null one a missing field.
+    pd.DataFrame([
+        {"instruction": "A?", "input": None, "output": "a"},
+        {"instruction": "B?", "input": None, "output": None},
+    ]).to_parquet(tmp_path / "nulls.parquet")
+    pd.DataFrame([{"prompt": "Two plus two?", "completion": 4}]).to_parquet(tmp_path / "ints.parquet")
+    # CSV: an empty required cell is a missing field.
+    (tmp_path / "gaps.csv").write_text("instruction,input,output\nName a color.,,Blue.\nName a shape.,,\n", encoding="utf-8")
+    result = load_sources([SourceSpec(str(tmp_path / "nulls.parquet")), SourceSpec(str(tmp_path / "ints.parquet")), SourceSpec(str(tmp_path / "gaps.csv"))])
+    reasons = sorted(zip(result.rejected["source"], result.rejected["source_index"], result.rejected["reason"]))
+    assert reasons == [("gaps", 1, "missing_field"), ("ints", 0, "wrong_type"), ("nulls", 1, "missing_field")]
+    assert list(result.rows["source"]) == ["nulls", "gaps"]
+
+
+def test_shape_forced_and_column_mapping_for_every_shape(tmp_path):
+    records = [
+        ({"q": "Name a prime.", "ctx": "", "a": "Two."}, "alpaca", {"instruction": "q", "input": "ctx", "output": "a"}),
+        ({"task": "Who wrote it?", "text": "Ana wrote it.", "answer": "Ana."}, "dolly", {"instruction": "task", "context": "text", "response": "answer"}),
+        ({"dialog": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}, "sharegpt", {"conversations": "dialog"}),
+        ({"turns": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}, "messages", {"messages": "turns"}),
+        ({"question": "Capital of Peru?", "answer": "Lima."}, "prompt_completion", {"prompt": "question", "completion": "answer"}),
+    ]
+    specs = []
+    for i, (record, shape, columns) in enumerate(records):
+        path = write_jsonl(tmp_path / f"s{i}.jsonl", [record])
+        specs.append(SourceSpec(str(path), shape=shape, columns=columns))
+    result = load_sources(specs)
+    assert result.rejected.empty, result.rejected
+    assert [m[-1]["content"] for m in result.rows["messages"]] == ["Two.", "Ana.", "Hello", "4", "Lima."]
+    # A forced shape that does not fit the record is a missing field, not a crash.
+    path = write_jsonl(tmp_path / "wrong.jsonl", [DOLLY])
+    rejected = load_sources([SourceSpec(str(path), shape="sharegpt")]).rejected
+    assert list(rejected["reason"]) == ["missing_field"]
+
+
+def test_json_file_errors_name_the_file_and_wrapped_lists_are_read(tmp_path):
+    (tmp_path / "wrapped.json").write_text(json.dumps({"data": [ALPACA, 7]}))
+    result = load_sources([SourceSpec(str(tmp_path / "wrapped.json"))])
+    assert len(result.rows) == 1 and list(result.rejected["reason"]) == ["wrong_type"]
+    (tmp_path / "broken.json").write_text("[{")
+    with pytest.raises(ValueError, match="broken.json"):
+        load_sources([SourceSpec(str(tmp_path / "broken.json"))])
+    (tmp_path / "latin1.csv").write_bytes("instruction,output\nCaf\xe9?,Yes.\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.csv.*not UTF-8"):
+        load_sources([SourceSpec(str(tmp_path / "latin1.csv"))])
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(ValueError, match="notes.txt.*unsupported suffix"):
+        load_sources([SourceSpec(str(tmp_path / "notes.txt"))])
+
+
+def test_hugging_face_sources_by_name_split_and_saved_dict(tmp_path):
+    import datasets
+
+    # hf://<name> goes through datasets.load_dataset; a local data folder stands in for the hub.
+    folder = tmp_path / "org_dataset"
+    folder.mkdir()
+    write_jsonl(folder / "train.jsonl", [ALPACA, ALPACA | {"output": "Eleven."}])
+    write_jsonl(folder / "test.jsonl", [ALPACA | {"output": "Three."}])
+    result = load_sources([SourceSpec(f"hf://{folder}", split="test", name="hubby")])
+    assert list(result.rows["source"]) == ["hubby"] and result.rows.iloc[0]["response"] == "Three."
+    assert list(result.rows["source_index"]) == [0]
+    # A saved DatasetDict: the split is chosen; a missing split names the choices.
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([SHAREGPT]), "validation": datasets.Dataset.from_list([MESSAGES])}).save_to_disk(str(tmp_path / "dd"))
+    result = load_sources([SourceSpec(str(tmp_path / "dd"), split="validation")])
+    assert result.rows.iloc[0]["response"] == "4"
+    with pytest.raises(ValueError, match="split 'nope'"):
+        load_sources([SourceSpec(str(tmp_path / "dd"), split="nope")])
+
+
+def test_unknown_hub_dataset_fails_naming_it(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="nobody-xyz/no-such-dataset"):
+        load_sources([SourceSpec("hf://nobody-xyz/no-such-dataset", revision="main")])
+
+
+def test_sources_merge_in_order_with_provenance_and_empty_sources_count_zero(tmp_path):
+    write_jsonl(tmp_path / "one.jsonl", [ALPACA, "{bad"])
+    (tmp_path / "two.json").write_text("[]")
+    pd.DataFrame({"prompt": pd.Series([], dtype=str), "completion": pd.Series([], dtype=str)}).to_parquet(tmp_path / "three.parquet")
+    write_jsonl(tmp_path / "four.jsonl", [MESSAGES])
+    specs = [SourceSpec(str(tmp_path / n)) for n in ("one.jsonl", "two.json", "three.parquet", "four.jsonl")]
+    result = load_sources(specs)
+    assert result.records_per_source == {"one": 2, "two": 0, "three": 0, "four": 1}
+    assert list(zip(result.rows["source"], result.rows["source_index"])) == [("one", 1), ("four", 1)]
+    assert list(zip(result.rejected["source"], result.rejected["source_index"], result.rejected["reason"])) == [("one", 2, "malformed_json")]
+    assert result.rejected.iloc[0]["raw"] == "{bad\n" and result.rejected.iloc[0]["source_file"] == str(tmp_path / "one.jsonl")

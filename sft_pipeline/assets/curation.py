@@ -9,18 +9,19 @@ from sft_pipeline.assets.support import (
     config_from_dataclass,
     counts_table,
     domain_kwargs,
+    file_data_version,
     histogram,
     markdown_table,
     suite_check_result,
 )
 from sft_pipeline.curation import CurationConfig, clean_instructions as clean_rows
-from sft_pipeline.ingest import SourceSpec, default_sources, load_sources
-from sft_pipeline.quality import conversation_view, curation_summary, suite_path, validate_frame
+from sft_pipeline.ingest import DEFAULT_MAX_RECORD_CHARS, SourceSpec, default_sources, load_sources
+from sft_pipeline.quality import conversation_view, curation_summary, ingest_summary, suite_path, validate_frame
 from sft_pipeline.resources import PipelineStorage
 from sft_pipeline.schema import read_rows, write_rows
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 GROUP = "data"
 
 
@@ -41,20 +42,42 @@ class RawInstructionsConfig(dg.Config):
     sources: list[SourceConfig] = pydantic.Field(
         default_factory=list, description="Input sources; empty means the seed instruction set shipped in the package."
     )
+    max_record_chars: int = pydantic.Field(
+        default=DEFAULT_MAX_RECORD_CHARS,
+        description="A record with more characters of text (a JSONL line with more bytes) is rejected unparsed as oversized_record.",
+    )
 
 
 CleanInstructionsConfig = config_from_dataclass(CurationConfig, "CleanInstructionsConfig")
+
+
+def _per_source_table(records: dict[str, int], rows: pd.DataFrame, rejected: pd.DataFrame) -> dg.MetadataValue:
+    kept = rows["source"].value_counts().to_dict() if len(rows) else {}
+    dropped = rejected["source"].value_counts().to_dict() if len(rejected) else {}
+    frame = pd.DataFrame(
+        [{"source": name, "records": count, "rows": kept.get(name, 0), "rejected": dropped.get(name, 0)} for name, count in records.items()]
+    )
+    return markdown_table(frame, max_rows=100)
+
+
+def _reject_samples(rejected: pd.DataFrame, per_reason: int = 2, max_rows: int = 30) -> dg.MetadataValue:
+    """A few rejected rows of every reason, so each reason has an example."""
+    if not len(rejected):
+        return dg.MetadataValue.md("_(empty)_")
+    sample = rejected.groupby("reason", sort=True, group_keys=False).head(per_reason)
+    return markdown_table(sample[["source", "source_index", "stage", "reason", "detail", "raw"]], max_rows=max_rows, max_chars=160)
 
 
 @dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"pandas", "parquet"})
 def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """Every source record mapped to the canonical row schema, with provenance; unreadable records set aside."""
     specs = [SourceSpec(**source.model_dump()) for source in config.sources] or default_sources()
-    result = load_sources(specs)
+    result = load_sources(specs, max_record_chars=config.max_record_chars)
     folder = storage.asset_dir("raw_instructions")
     rows_path = write_rows(result.rows, folder / "rows.parquet")
     rejected_path = write_rows(result.rejected, folder / "ingest_rejected.parquet")
     records = sum(result.records_per_source.values())
+    reasons = result.rejected["reason"].value_counts().to_dict() if len(result.rejected) else {}
     return dg.MaterializeResult(
         metadata={
             "path": dg.MetadataValue.path(str(rows_path)),
@@ -62,9 +85,12 @@ def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) ->
             "dagster/row_count": len(result.rows),
             "records_read": records,
             "unreadable_records": len(result.rejected),
-            "records_per_source": counts_table(result.records_per_source, "source", "records"),
+            "records_per_source": _per_source_table(result.records_per_source, result.rows, result.rejected),
+            "unreadable_per_reason": counts_table(reasons, "reason", "records"),
+            "unreadable_sample": _reject_samples(result.rejected),
             "preview": markdown_table(result.rows[["id", "source", "category", "prompt", "response"]], max_rows=10),
-        }
+        },
+        data_version=file_data_version(rows_path, rejected_path),
     )
 
 
@@ -77,7 +103,7 @@ def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) ->
     },
     deps=["raw_instructions", "mmlu_benchmark"],
 )
-def curated_instructions(config: CleanInstructionsConfig, storage: PipelineStorage):
+def curated_instructions(context: dg.AssetExecutionContext, config: CleanInstructionsConfig, storage: PipelineStorage):
     """Clean the raw rows; rows that fail, and records ingestion could not read, go to `rejected_instructions`."""
     raw_folder = storage.asset_dir("raw_instructions")
     raw = read_rows(raw_folder / "rows.parquet")
@@ -86,13 +112,16 @@ def curated_instructions(config: CleanInstructionsConfig, storage: PipelineStora
     benchmark_texts = [(q.question_id, q.question + "\n" + "\n".join(q.choices)) for q in benchmark.itertuples()]
 
     kept, rejected, report = clean_rows(raw, CurationConfig(**domain_kwargs(config, CurationConfig)), benchmark_texts)
+    context.log.info("curation: %d in, %d kept, rejected %s, phases %s", report.rows_in, report.kept, report.rejected_by_reason, report.seconds_per_phase)
     all_rejected = pd.concat([ingest_rejected, rejected], ignore_index=True) if len(ingest_rejected) else rejected
     folder = storage.asset_dir("clean_instructions")
     clean_path = write_rows(kept, folder / "rows.parquet")
     rejected_path = write_rows(all_rejected, storage.asset_dir("rejected_instructions") / "rows.parquet")
     records_in = len(raw) + len(ingest_rejected)
 
-    category_balance = kept["category"].fillna("(none)").value_counts().to_dict() if len(kept) else {}
+    category_balance = kept["category"].fillna("(none)").value_counts() if len(kept) else pd.Series(dtype=int)
+    balance = pd.DataFrame({"category": category_balance.index, "rows": category_balance.values,
+                            "share": (category_balance.values / max(len(kept), 1)).round(3)})
     chars = [sum(len(m["content"]) for m in turns) for turns in kept["messages"]]
     yield dg.MaterializeResult(
         asset_key="clean_instructions",
@@ -101,12 +130,25 @@ def curated_instructions(config: CleanInstructionsConfig, storage: PipelineStora
             "dagster/row_count": len(kept),
             "records_in": records_in,
             "rejected": len(all_rejected),
+            "kept_share": round(len(kept) / records_in, 4) if records_in else 0.0,
             "kept_per_source": counts_table(kept["source"].value_counts().to_dict() if len(kept) else {}, "source", "rows"),
-            "category_balance": counts_table(category_balance, "category", "rows"),
+            "category_balance": markdown_table(balance, max_rows=100),
             "conversation_chars": histogram(chars, "Conversation length", "characters") if chars else dg.MetadataValue.md("_(empty)_"),
+            "conversation_tokens": histogram(report.kept_tokens, f"Conversation length ({report.token_counter} tokens)", "tokens")
+            if report.kept_tokens else dg.MetadataValue.md("_(empty)_"),
+            "token_counter": report.token_counter,
+            "pii_redactions": dg.MetadataValue.json(report.redactions),
+            "lsh_bands_x_rows": f"{report.lsh_bands[0]} x {report.lsh_bands[1]}",
+            "near_dedup_candidate_rows": report.near_dedup_candidates,
+            "seconds_per_phase": dg.MetadataValue.json(report.seconds_per_phase),
         },
+        data_version=file_data_version(clean_path),
     )
     reasons = all_rejected["reason"].value_counts().to_dict() if len(all_rejected) else {}
+    by_source_reason = (
+        all_rejected.groupby(["source", "stage", "reason"], dropna=False).size().reset_index(name="rows")
+        if len(all_rejected) else pd.DataFrame(columns=["source", "stage", "reason", "rows"])
+    )
     yield dg.MaterializeResult(
         asset_key="rejected_instructions",
         metadata={
@@ -114,8 +156,10 @@ def curated_instructions(config: CleanInstructionsConfig, storage: PipelineStora
             "dagster/row_count": len(all_rejected),
             "rejected_per_reason": counts_table(reasons, "reason", "rows"),
             "rejected_per_source": counts_table(all_rejected["source"].value_counts().to_dict() if len(all_rejected) else {}, "source", "rows"),
-            "sample": markdown_table(all_rejected[["source", "source_index", "reason", "detail", "raw"]], max_rows=15),
+            "rejected_per_source_and_reason": markdown_table(by_source_reason, max_rows=100),
+            "sample": _reject_samples(all_rejected),
         },
+        data_version=file_data_version(rejected_path),
     )
 
 
@@ -123,6 +167,23 @@ def curated_instructions(config: CleanInstructionsConfig, storage: PipelineStora
 def raw_instructions_match_expectations(storage: PipelineStorage) -> dg.AssetCheckResult:
     rows = read_rows(storage.asset_dir("raw_instructions") / "rows.parquet")
     return suite_check_result(validate_frame(conversation_view(rows), suite_path("raw_instructions")), "raw_instructions")
+
+
+@dg.asset_check(
+    asset="raw_instructions",
+    blocking=True,
+    description="Records read = rows + unreadable records, and the unreadable share is within the ingest_summary suite's bound.",
+)
+def raw_records_readable(storage: PipelineStorage) -> dg.AssetCheckResult:
+    folder = storage.asset_dir("raw_instructions")
+    rows = len(pd.read_parquet(folder / "rows.parquet", columns=["id"]))
+    unreadable = len(pd.read_parquet(folder / "ingest_rejected.parquet", columns=["reason"]))
+    return suite_check_result(
+        validate_frame(ingest_summary(rows + unreadable, rows, unreadable), suite_path("ingest_summary")),
+        "raw_instructions",
+        rows=rows,
+        unreadable=unreadable,
+    )
 
 
 @dg.asset_check(asset="clean_instructions", blocking=True, description="Clean rows match the clean_instructions suite.")

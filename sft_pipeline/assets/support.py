@@ -99,3 +99,15 @@ def suite_check_result(result, asset_key: str, **extra_metadata: Any) -> dg.Asse
         metadata=metadata,
         description=f"Great Expectations suite {result.suite!r}",
     )
+
+
+def file_data_version(*paths: Any) -> dg.DataVersion:
+    """A data version from the content (sha256) of the files an asset wrote, in the given order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return dg.DataVersion(digest.hexdigest()[:16])
