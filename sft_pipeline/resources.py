@@ -47,7 +47,8 @@ class PipelineStorage(dg.ConfigurableResource):
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow tracking store and registry: a SQLite file in the project folder by default."""
 
-    tracking_uri: str = f"sqlite:///{project_home() / 'mlflow.db'}"
+    # MLFLOW_TRACKING_URI moves the whole pipeline to a tracking server without code changes.
+    tracking_uri: str = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_home() / 'mlflow.db'}"
     experiment: str = "sft_pipeline"
     registered_model_name: str = "sft_pipeline_model"
     ui_url: str = pydantic.Field(
