@@ -112,10 +112,17 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
 
     # A second run with other training settings reuses the converted base model and the base
     # model's evaluation, and registers a second version.
-    retrain = tiny_run_config(tiny_model_dir, fine_tuned_model={"config": {"max_steps": 4, "eval_steps": 2}})
+    retrain = tiny_run_config(
+        tiny_model_dir,
+        fine_tuned_model={"config": {"max_steps": 4, "eval_steps": 2}},
+        sft_dataset={"config": {"max_length": 256, "synthetic_ratio": 0.0}},
+    )
     second = job.execute_in_process(run_config=retrain, instance=instance)
     assert second.success
     again = {e.asset_key.to_user_string(): e.materialization.metadata for e in second.get_asset_materialization_events()}
     assert again["base_model"]["reused"].value is True
     assert again["base_model_evaluation"]["reused"].value is True
     assert again["registered_model"]["version"].value == 2
+    # synthetic_ratio 0 trains on the human rows alone.
+    assert again["sft_dataset"]["synthetic_rows"].value == 0
+    assert again["sft_dataset"]["human_rows"].value == clean_rows

@@ -3,8 +3,10 @@
 
 import dagster as dg
 import pandas as pd
+import pydantic
 
 from sft_pipeline.assets.support import config_from_dataclass, counts_table, domain_kwargs
+from sft_pipeline.augmentation import mix_human_and_synthetic
 from sft_pipeline.resources import PipelineStorage
 from sft_pipeline.schema import read_rows
 from sft_pipeline.tokenization import (
@@ -15,7 +17,19 @@ from sft_pipeline.tokenization import (
     verify_sft_dataset,
 )
 
-SftDatasetConfig = config_from_dataclass(TokenizationConfig, "SftDatasetConfig")
+SftDatasetConfig = config_from_dataclass(
+    TokenizationConfig,
+    "SftDatasetConfig",
+    synthetic_ratio=(
+        float | None,
+        pydantic.Field(
+            default=None,
+            description="Share of synthetic rows in the mix, in [0, 1] (0.25: one synthetic row per three human ones); "
+            "empty keeps every synthetic row.",
+        ),
+    ),
+    mix_seed=(int, pydantic.Field(default=0, description="Seed of the synthetic sample when synthetic_ratio is set.")),
+)
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
 CODE_VERSION = "2"
@@ -29,9 +43,14 @@ CHECK_DESCRIPTIONS = {
 }
 
 
-def _input_rows(storage: PipelineStorage) -> tuple[pd.DataFrame, int, int]:
+def _input_rows(storage: PipelineStorage, synthetic_ratio: float | None, seed: int) -> tuple[pd.DataFrame, int, int]:
+    """Clean human rows plus synthetic rows (all of them, or a sample making up `synthetic_ratio`)."""
     human = read_rows(storage.asset_dir("clean_instructions") / "rows.parquet")
     synthetic = read_rows(storage.asset_dir("synthetic_instructions") / "rows.parquet")
+    if synthetic_ratio is not None:
+        rows = mix_human_and_synthetic(human, synthetic, synthetic_ratio, seed)
+        synthetic_used = int((rows["origin"] == "synthetic").sum()) if len(rows) else 0
+        return rows[["id", "messages"]], len(rows) - synthetic_used, synthetic_used
     rows = pd.concat([human, synthetic], ignore_index=True) if len(synthetic) else human
     return rows[["id", "messages"]], len(human), len(synthetic)
 
@@ -45,7 +64,7 @@ def _input_rows(storage: PipelineStorage) -> tuple[pd.DataFrame, int, int]:
 def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, storage: PipelineStorage) -> dg.MaterializeResult:
     """Human and synthetic rows rendered with the chat template, tokenized with assistant-only labels, split to
     Parquet; reused without tokenizing when rows, tokenizer, template and settings are unchanged."""
-    rows, human_rows, synthetic_rows = _input_rows(storage)
+    rows, human_rows, synthetic_rows = _input_rows(storage, config.synthetic_ratio, config.mix_seed)
     model_dir = storage.read_manifest("base_model")["path"]
     cfg = TokenizationConfig(**domain_kwargs(config, TokenizationConfig))
     info = materialize_sft_dataset(rows, model_dir, storage.asset_dir("sft_dataset"), cfg)
