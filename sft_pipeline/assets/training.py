@@ -1,9 +1,16 @@
-"""Fine-tuning: `fine_tuned_model`, trained in its own process by `python -m sft_pipeline.training`."""
+"""Fine-tuning: `fine_tuned_model`, trained in its own process (`accelerate launch`) through Dagster Pipes.
+
+The asset is a thin wrapper: it resolves paths and tracking from upstream assets and resources,
+keys the output folder by the training fingerprint (so a rematerialization of the same training
+resumes from its last checkpoint), launches `sft_pipeline.training` with `PipesSubprocessClient`,
+and returns the metadata and data version the child process reports.
+"""
 
 
+import dataclasses
 import json
-import subprocess
-import sys
+import os
+import shlex
 from pathlib import Path
 
 import dagster as dg
@@ -11,7 +18,7 @@ import pydantic
 
 from sft_pipeline.assets.support import config_from_dataclass, domain_kwargs, png_markdown
 from sft_pipeline.resources import MlflowTracking, PipelineStorage
-from sft_pipeline.training import TrainingConfig
+from sft_pipeline.training import TrainingConfig, find_finished_run, launch_command, materialization_metadata, training_fingerprint
 
 # Paths and tracking come from upstream assets and resources, not from the user.
 _DERIVED = ("model_dir", "dataset_dir", "output_dir", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_run_name", "mlflow_tags")
@@ -25,11 +32,13 @@ FineTunedModelConfig = config_from_dataclass(
         list[str],
         pydantic.Field(default=["all-linear"], description="Modules to adapt: ['all-linear'] or names like ['q_proj', 'v_proj']."),
     ),
-    track_with_mlflow=(bool, pydantic.Field(default=True, description="Log parameters and per-step metrics to MLflow.")),
+    track_with_mlflow=(bool, pydantic.Field(default=True, description="Log parameters, per-step metrics and dataset inputs to MLflow.")),
 )
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "1"
+CODE_VERSION = "2"
+
+UPSTREAM = ("sft_dataset", "base_model")
 
 
 def loss_curve(history: list[dict]) -> dg.MetadataValue:
@@ -52,58 +61,95 @@ def loss_curve(history: list[dict]) -> dg.MetadataValue:
     return png_markdown(figure)
 
 
-def run_training_process(cfg: TrainingConfig, workdir: Path, log) -> dict:
-    """Run `python -m sft_pipeline.training` in a child process, streaming its output to `log`."""
-    config_path = workdir / "training_config.json"
-    result_path = workdir / "training_result.json"
-    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
-    command = [sys.executable, "-m", "sft_pipeline.training", "--config", str(config_path), "--output-json", str(result_path)]
-    log.info("launching: %s", " ".join(command))
-    tail: list[str] = []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
-        for line in process.stdout:  # type: ignore[union-attr]
-            line = line.rstrip()
-            tail = (tail + [line])[-40:]
-            if line:
-                log.info(line)
-    if process.returncode != 0:
-        raise RuntimeError(f"training process exited with {process.returncode}; last output:\n" + "\n".join(tail))
-    return json.loads(result_path.read_text())
+def upstream_versions(context: dg.AssetExecutionContext) -> dict[str, str]:
+    """MLflow tags naming the data versions of the upstream assets this training read."""
+    tags = {}
+    for name in UPSTREAM:
+        event = context.instance.get_latest_materialization_event(dg.AssetKey(name))
+        materialization = event.asset_materialization if event is not None else None
+        version = (materialization.tags or {}).get("dagster/data_version") if materialization is not None else None
+        if version:
+            tags[f"dagster_{name}_data_version"] = version
+    return tags
 
 
-@dg.asset(code_version=CODE_VERSION, group_name="models", kinds={"pytorch"}, pool="gpu", deps=["sft_dataset", "base_model"])
-def fine_tuned_model(
-    context: dg.AssetExecutionContext, config: FineTunedModelConfig, storage: PipelineStorage, mlflow_tracking: MlflowTracking
-) -> dg.MaterializeResult:
-    """The trained LoRA adapter (or full weights) and its training record."""
-    workdir = storage.asset_dir("fine_tuned_model") / context.run_id
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = TrainingConfig(
+def training_config_for(config, storage: PipelineStorage, mlflow_tracking: MlflowTracking, context: dg.AssetExecutionContext) -> TrainingConfig:
+    """The domain config: user fields + upstream paths, an output folder keyed by the training fingerprint, tracking."""
+    probe = TrainingConfig(
         model_dir=storage.read_manifest("base_model")["path"],
         dataset_dir=storage.read_manifest("sft_dataset")["path"],
-        output_dir=str(workdir),
-        mlflow_tracking_uri=mlflow_tracking.tracking_uri if config.track_with_mlflow else None,
-        mlflow_experiment=mlflow_tracking.experiment,
-        mlflow_run_name=f"train-{context.run_id[:8]}",
-        mlflow_tags={"dagster_run_id": context.run_id, "dagster_asset": "fine_tuned_model"},
+        output_dir="(set below)",
         lora_target_modules="all-linear" if config.lora_target_modules == ["all-linear"] else list(config.lora_target_modules),
         **domain_kwargs(config, TrainingConfig, exclude=("lora_target_modules",)),
     )
-    result = run_training_process(cfg, workdir, context.log)
-    storage.write_manifest("fine_tuned_model", result)
-    return dg.MaterializeResult(
-        metadata={
-            "path": dg.MetadataValue.path(result["adapter_dir"] or result["model_dir"]),
-            "method": result["method"],
-            "train_loss": result["train_loss"],
-            "eval_loss": result["eval_loss"],
-            "steps": result["global_step"],
-            "trainable_parameters": result["trainable_parameters"],
-            "trainable_share": result["trainable_parameters"] / result["total_parameters"],
-            "tokens_seen": result["tokens_seen"],
-            "tokens_per_second": result["tokens_per_second"],
-            "wall_time_s": result["train_runtime_s"],
-            "mlflow_run_id": result.get("mlflow_run_id") or "",
-            "loss_curve": loss_curve(result["history"]),
-        }
+    fingerprint = training_fingerprint(probe)
+    return dataclasses.replace(
+        probe,
+        output_dir=str(storage.asset_dir("fine_tuned_model") / fingerprint),
+        mlflow_tracking_uri=mlflow_tracking.tracking_uri if config.track_with_mlflow else None,
+        mlflow_experiment=mlflow_tracking.experiment,
+        mlflow_run_name=f"train-{fingerprint[:8]}",
+        mlflow_tags={
+            "dagster_run_id": context.run_id,
+            "dagster_asset": "fine_tuned_model",
+            "dagster_code_version": CODE_VERSION,
+            **upstream_versions(context),
+        },
     )
+
+
+def run_training_process(cfg: TrainingConfig, context: dg.AssetExecutionContext) -> tuple[dict, dg.MaterializeResult]:
+    """Launch training (`accelerate launch` or python) through Dagster Pipes; the result JSON and the reported materialization."""
+    workdir = Path(cfg.output_dir)
+    config_path = workdir / "training_config.json"
+    result_path = workdir / "training_result.json"
+    config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
+    result_path.unlink(missing_ok=True)
+    command = launch_command(cfg, config_path, result_path)
+    context.log.info("launching: %s", shlex.join(command))
+    # The child imports sft_pipeline from this checkout even when it is not installed.
+    package_root = str(Path(__file__).resolve().parents[2])
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p), "TOKENIZERS_PARALLELISM": "false"}
+    error_path = result_path.with_suffix(".error.txt")
+    try:
+        invocation = dg.PipesSubprocessClient(env=env).run(command=command, context=context, extras={"training_fingerprint": workdir.name})
+    except Exception as exc:  # dagster raises DagsterPipesExecutionError (not public API) on a non-zero exit
+        if error_path.is_file():  # the child's own one-line reason beats "process failed with code 1"
+            raise RuntimeError(f"training failed: {error_path.read_text()}") from exc
+        raise
+    reported = invocation.get_materialize_result()
+    return json.loads(result_path.read_text()), reported
+
+
+@dg.asset(code_version=CODE_VERSION, group_name="models", kinds={"pytorch"}, pool="gpu", deps=list(UPSTREAM))
+def fine_tuned_model(
+    context: dg.AssetExecutionContext, config: FineTunedModelConfig, storage: PipelineStorage, mlflow_tracking: MlflowTracking
+) -> dg.MaterializeResult:
+    """The trained LoRA/QLoRA adapter (or full/partially frozen weights) and its training record.
+
+    Trained in its own process launched with `accelerate launch` through Dagster Pipes; a
+    rematerialization with the same configuration, data and base model resumes from the last
+    checkpoint (or reuses the finished run).
+    """
+    cfg = training_config_for(config, storage, mlflow_tracking, context)
+    workdir = Path(cfg.output_dir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    finished = find_finished_run(cfg)
+    if finished is not None:
+        # Same configuration, data and base model, already trained: no process, no GPU time.
+        context.log.info("training %s already finished at step %d in %s; reusing it", workdir.name, finished.global_step, workdir)
+        result = finished.to_dict()
+        reported_metadata, data_version = materialization_metadata(finished), dg.DataVersion(finished.weights_hash)
+    else:
+        result, reported = run_training_process(cfg, context)
+        reported_metadata, data_version = reported.metadata or {}, reported.data_version or dg.DataVersion(result["weights_hash"])
+    weights = result["adapter_dir"] or result["model_dir"]
+    storage.write_manifest("fine_tuned_model", {"path": weights, **result})
+    metadata = {
+        **reported_metadata,
+        "path": dg.MetadataValue.path(weights),
+        "output_dir": dg.MetadataValue.path(result["output_dir"]),
+        "loss_curve": loss_curve(result["history"]),
+        "training_config": dg.MetadataValue.json(cfg.to_dict()),
+    }
+    return dg.MaterializeResult(metadata=metadata, data_version=data_version)
