@@ -116,7 +116,8 @@ def sft_dataset_round_trip(storage: PipelineStorage):
     info = read_sft_dataset_info(manifest["path"])
     if info is None:
         raise FileNotFoundError(f"sft_dataset folder {manifest['path']} is incomplete (no info file)")
-    rows, _, _ = _input_rows(storage)
+    # Every upstream row, whatever the mix: verification looks each dataset row up by id.
+    rows, _, _ = _input_rows(storage, synthetic_ratio=None, seed=0)
     outcomes = verify_sft_dataset(info, manifest["model_dir"], rows)
     for name in CHECK_NAMES:
         outcome = outcomes[name]

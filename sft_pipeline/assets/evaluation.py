@@ -334,7 +334,11 @@ def model_evaluation(
     base_test = heldout_loss(base_model_, test_path, batch_size=config.batch_size)
     base_gen = evaluate_generations(base_model_, base_tokenizer, rows, config.max_new_tokens, config.batch_size, chat_template) if len(rows) else None
     del base_model_
-    model, tokenizer = load_model_for_eval(base_dir, tuned_manifest["adapter_dir"])
+    # LoRA runs save an adapter over the base model; full and freeze runs save whole weights.
+    if tuned_manifest.get("adapter_dir"):
+        model, tokenizer = load_model_for_eval(base_dir, tuned_manifest["adapter_dir"])
+    else:
+        model, tokenizer = load_model_for_eval(tuned_manifest["model_dir"])
     predictions = score_multiple_choice(model, tokenizer, questions, batch_size=config.batch_size,
                                         fewshot=fewshot, prompt_format=settings["prompt_format"])
     tuned = summarize_accuracy(predictions)
@@ -404,7 +408,7 @@ def model_evaluation(
     (folder / "summary.json").write_text(json.dumps(result, indent=2, default=str))
     outputs = [folder / "predictions.parquet", folder / "summary.json"] + ([folder / "generations.parquet"] if side_by_side is not None else [])
     data_version = file_digest(*outputs)
-    storage.write_manifest("model_evaluation", {"path": str(folder), **result, "fine_tuned_model": tuned_manifest["adapter_dir"],
+    storage.write_manifest("model_evaluation", {"path": str(folder), **result, "fine_tuned_model": tuned_manifest.get("adapter_dir") or tuned_manifest["model_dir"],
                                                 "data_version": data_version})
     per_subject = {s: {"base": base["per_subject"][s]["accuracy"], "tuned": v["accuracy"]} for s, v in tuned["per_subject"].items() if s in base["per_subject"]}
     paired = comparison.get("paired") or {"p_value": None, "delta_ci": None, "tuned_only_correct": 0, "base_only_correct": 0}
