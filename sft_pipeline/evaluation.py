@@ -161,6 +161,28 @@ def _encode_context(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer.encode(text))
 
 
+
+def left_padded_batches(encoded: Sequence[list[int]], batch_size: int, pad_id: int):
+    """Yield (row indices, input_ids, attention_mask) for length-bucketed, left-padded batches.
+
+    Sorting by length keeps padding (wasted compute) small; left padding puts every row's last
+    prompt token in the last column, where scoring reads and generation continues.
+    """
+    import torch
+
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
+    batch_size = max(1, int(batch_size))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
+            attention[row, width - len(encoded[i]):] = 1
+        yield idx, input_ids, attention
+
+
 def score_multiple_choice(
     model: Any,
     tokenizer: Any,
@@ -191,20 +213,9 @@ def score_multiple_choice(
         # Keep the end: the "Answer:" position is what is scored.
         encoded = [ids[-max_len:] for ids in encoded]
 
-    # Length buckets: sorting by length keeps padding (wasted compute) small.
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     logprobs: list[Any] = [None] * len(encoded)
-    batch_size = max(1, int(batch_size))
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                ids = encoded[i]
-                input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention[row, width - len(ids):] = 1
+        for idx, input_ids, attention in left_padded_batches(encoded, batch_size, pad_id):
             kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
             if "position_ids" in forward_args:
                 # Left padding would otherwise shift every position; absolute-position models care.
@@ -497,18 +508,10 @@ def generate_responses(
     eos = [i for i in {tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)}
            if isinstance(i, int)]
     device = _model_device(model)
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
     outputs: list[str] = [""] * len(encoded)
-    batch_size = max(1, int(batch_size))
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            attention = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                input_ids[row, width - len(encoded[i]):] = torch.tensor(encoded[i], dtype=torch.long)
-                attention[row, width - len(encoded[i]):] = 1
+        for idx, input_ids, attention in left_padded_batches(encoded, batch_size, pad_id):
+            width = input_ids.shape[1]
             generated = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=int(max_new_tokens),
                 do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad_id,
