@@ -135,6 +135,9 @@ def services(tmp_path_factory, tiny_model_dir):
         "SFT_PIPELINE_HOME": str(home),
         "SFT_PIPELINE_BASE_MODEL": str(tiny_model_dir),
         "MLFLOW_TRACKING_URI": mlflow_url,
+        # The nightly schedule ticks every minute here, on the raw-data folder below.
+        "SFT_PIPELINE_RETRAIN_CRON": "* * * * *",
+        "SFT_PIPELINE_RAW_DIR": str(home / "raw"),
         "HF_HUB_OFFLINE": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -152,7 +155,7 @@ def services(tmp_path_factory, tiny_model_dir):
     try:
         wait_for(f"{mlflow_url}/health", 120, mlflow, logs / "mlflow.log")
         wait_for(f"{dagster_url}/server_info", 180, dagster, logs / "dagster.log")
-        yield {"dagster": dagster_url, "mlflow": mlflow_url, "home": home, "env": env, "logs": logs}
+        yield {"dagster": dagster_url, "mlflow": mlflow_url, "home": home, "env": env, "logs": logs, "raw": home / "raw"}
     finally:
         stop(dagster)
         stop(mlflow)
@@ -226,10 +229,18 @@ def test_materialize_all_in_dagster_then_review_in_mlflow(services, browser, scr
     assert visible(page.get_by_text("Failed", exact=True)).count() == 0
     visible(page.get_by_text("Passed", exact=True)).first.wait_for()
 
-    # Metadata renders: a table and a plot.
+    # Metadata renders: a table inline, and plots.
     page.goto(f"{dagster}/assets/clean_instructions")
-    dialog = show_markdown(page, "category_balance")
-    assert dialog.locator("table tr").count() >= 8  # header + the eight task types
+    balance = visible(page.locator("tr", has=page.get_by_text("category_balance", exact=True))).first
+    balance.wait_for(timeout=60_000)
+    for category in ("open_qa", "closed_qa", "classification", "summarization", "information_extraction",
+                     "brainstorming", "creative_writing", "code"):
+        assert balance.get_by_text(category, exact=True).count() == 1, category
+    screenshots(page, "clean_instructions_metadata", full_page=True)
+    dialog = show_markdown(page, "conversation_chars")
+    histogram = dialog.locator("img[src^='data:image/png']")
+    histogram.wait_for()
+    assert histogram.evaluate("img => img.naturalWidth") > 100
     close_dialog(page)
     page.goto(f"{dagster}/assets/fine_tuned_model")
     visible(page.get_by_text("train_loss", exact=True)).first.wait_for(timeout=60_000)
@@ -250,3 +261,46 @@ def test_materialize_all_in_dagster_then_review_in_mlflow(services, browser, scr
     visible(page.get_by_text("dagster_run_id")).first.wait_for(timeout=60_000)
     assert page.get_by_text(run_id).count() >= 1
     screenshots(page, "mlflow_model_version")
+
+
+SCHEDULE_RUNS = """
+query($name: String!) {
+  runsOrError(filter: {tags: [{key: "dagster/schedule_name", value: $name}]}) {
+    ... on Runs { results { runId status } }
+  }
+}
+"""
+START_SCHEDULE = """
+mutation($selector: ScheduleSelector!) {
+  startSchedule(scheduleSelector: $selector) {
+    __typename
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_nightly_schedule_tick_launches_a_successful_retrain(services, browser, screenshots):
+    """New raw data lands, the schedule is switched on, and the daemon's own tick retrains."""
+    dagster = services["dagster"]
+    raw = services["raw"]
+    raw.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "sft_pipeline" / "data" / "seed_alpaca.jsonl", raw / "support_batch_1.jsonl")
+
+    selector = {"repositoryLocationName": "sft_pipeline.definitions", "repositoryName": "__repository__",
+                "scheduleName": "nightly_retraining"}
+    started = graphql(dagster, START_SCHEDULE, {"selector": selector})["startSchedule"]
+    assert started["__typename"] == "ScheduleStateResult", started
+
+    page = open_page(browser, f"{dagster}/automation")
+    visible(page.get_by_text("nightly_retraining")).first.wait_for(timeout=60_000)
+    screenshots(page, "automation")
+
+    deadline = time.monotonic() + 300
+    runs = []
+    while time.monotonic() < deadline and not runs:
+        runs = graphql(dagster, SCHEDULE_RUNS, {"name": "nightly_retraining"})["runsOrError"]["results"]
+        time.sleep(5)
+    assert runs, "the schedule did not launch a run within 5 minutes:\n" + (services["logs"] / "dagster.log").read_text()[-5000:]
+    status = wait_for_run(dagster, runs[-1]["runId"])
+    assert status == "SUCCESS", (services["logs"] / "dagster.log").read_text()[-5000:]
