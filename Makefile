@@ -61,5 +61,5 @@ mlflow-ui: install  ## the MLflow UI on the project's tracking store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
 
 clean:  ## remove artifacts, run history and the tracking store (keeps .venv)
-	rm -rf artifacts mlruns mlflow.db
+	rm -rf artifacts mlruns mlartifacts mlflow.db
 	find dagster_home -mindepth 1 ! -name dagster.yaml -exec rm -rf {} +

@@ -114,6 +114,30 @@ def last_successful_run_with(instance: dg.DagsterInstance, fingerprint: str):
     return records[0] if records else None
 
 
+MAX_RAW_DATA_ATTEMPTS = 3
+_UNFINISHED = [dg.DagsterRunStatus.QUEUED, dg.DagsterRunStatus.NOT_STARTED, dg.DagsterRunStatus.STARTING,
+               dg.DagsterRunStatus.STARTED]
+
+
+def retry_failed_raw_data_run(instance: dg.DagsterInstance, raw: RawDataFolder) -> dg.RunRequest | dg.SkipReason | None:
+    """A new request when the run for the current raw files failed; None when there is nothing to retry."""
+    fingerprint = raw_folder_fingerprint(raw)
+    if fingerprint is None or last_successful_run_with(instance, fingerprint) is not None:
+        return None
+    tagged = dg.RunsFilter(tags={FINGERPRINT_TAG: fingerprint})
+    if instance.get_runs(filters=dg.RunsFilter(tags=tagged.tags, statuses=_UNFINISHED), limit=1):
+        return None  # still running
+    failed = len(instance.get_runs(filters=dg.RunsFilter(tags=tagged.tags, statuses=[dg.DagsterRunStatus.FAILURE])))
+    if failed == 0:
+        return None  # never launched here (e.g. the schedule owns it): nothing to retry
+    if failed >= MAX_RAW_DATA_ATTEMPTS:
+        return dg.SkipReason(
+            f"retraining on the raw data in {raw.path} failed {failed} times; fix the cause and touch the files to try again"
+        )
+    decision = RetrainDecision(True, f"retry {failed + 1} of {MAX_RAW_DATA_ATTEMPTS} for raw data {fingerprint[:12]}", None, {}, fingerprint)
+    return decision.run_request(raw, trigger="raw_data_sensor", run_key=f"{fingerprint}:retry-{failed}")
+
+
 @dataclass
 class RetrainDecision:
     """Whether to retrain, what to materialize, and why."""
@@ -212,7 +236,10 @@ def raw_data_sensor(context: dg.SensorEvaluationContext, raw_data: RawDataFolder
     previous = json.loads(context.cursor) if context.cursor else {}
     new_or_changed = sorted(name for name, stat in state.items() if previous.get(name) != stat)
     if not new_or_changed:
-        return dg.SkipReason(f"no new or changed files in {raw_data.path}")
+        # The cursor already moved past these files: a run for them that failed is retried here,
+        # under a new run key (Dagster never relaunches a run key), at most MAX_RAW_DATA_ATTEMPTS times.
+        retry = retry_failed_raw_data_run(context.instance, raw_data) if state else None
+        return retry or dg.SkipReason(f"no new or changed files in {raw_data.path}")
     context.update_cursor(json.dumps(state, sort_keys=True))
     decision = retrain_decision(context.instance, context.repository_def.asset_graph, raw_data)
     if not decision.run:

@@ -208,3 +208,35 @@ def test_sensor_fires_on_new_files_and_keeps_a_cursor(defs, raw):
 
     result, cursor = tick(cursor)  # nothing new since
     assert not result.run_requests
+
+
+def test_sensor_retries_a_failed_raw_data_run_a_bounded_number_of_times(defs, raw):
+    from sft_pipeline.sensors import FINGERPRINT_TAG, MAX_RAW_DATA_ATTEMPTS
+
+    instance = dg.DagsterInstance.ephemeral()
+    repo = defs.get_repository_def()
+    path = os.path.join(raw.path, "batch1.jsonl")
+    with open(path, "w") as fh:
+        fh.write(json.dumps({"instruction": "Say hi", "output": "Hi"}) + "\n")
+
+    def tick(cursor):
+        context = dg.build_sensor_context(instance=instance, repository_def=repo, cursor=cursor, resources={"raw_data": raw})
+        return raw_data_sensor.evaluate_tick(context), context.cursor
+
+    first, cursor = tick(None)
+    assert first.run_requests[0].run_key == raw_folder_fingerprint(raw)
+    fingerprint = raw_folder_fingerprint(raw)
+
+    def record_failed_run():
+        run = instance.create_run_for_job(
+            dg.GraphDefinition(name="stand_in", node_defs=[]).to_job(), tags={FINGERPRINT_TAG: fingerprint}
+        )
+        instance.report_run_failed(run)
+
+    record_failed_run()
+    retry, cursor = tick(cursor)  # files unchanged, but their run failed
+    assert [r.run_key for r in retry.run_requests] == [f"{fingerprint}:retry-1"]
+    for _ in range(MAX_RAW_DATA_ATTEMPTS - 1):
+        record_failed_run()
+    gave_up, _ = tick(cursor)
+    assert not gave_up.run_requests and f"failed {MAX_RAW_DATA_ATTEMPTS} times" in gave_up.skip_message
