@@ -103,11 +103,6 @@ def suite_check_result(result, asset_key: str, **extra_metadata: Any) -> dg.Asse
 
 def file_data_version(*paths: Any) -> dg.DataVersion:
     """A data version from the content (sha256) of the files an asset wrote, in the given order."""
-    import hashlib
+    from sft_pipeline.evaluation import file_digest
 
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-    return dg.DataVersion(digest.hexdigest()[:16])
+    return dg.DataVersion(file_digest(*paths))
