@@ -162,7 +162,8 @@ class SftDatasetInfo:
     rows_in: int = 0
     fingerprint: str = ""
     content_hash: str = ""
-    """sha256 over the written Parquet data (not the file layout): the asset's data version."""
+    """sha256 over the rows of the written Parquet files, hashed while writing (independent of batch and
+    row-group layout; `parquet_digest` recomputes a file's part): the asset's data version."""
     reused: bool = False
     """True when a dataset with the same fingerprint already existed and nothing was tokenized."""
     trainable_token_share: float = 0.0
@@ -179,6 +180,9 @@ class SftDatasetInfo:
     """Ids the tokenizer expects first (its BOS); [] when it adds none (the template writes its own)."""
     system_prompt: str | None = None
     fast_path_rows: int = 0
+    template_verbatim: bool = False
+    """The template was proved (from its syntax tree) to copy contents verbatim, so fast-path rows
+    were assembled from the skeleton without rendering each row a second time to compare."""
     slow_path_rows: int = 0
     config: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
@@ -377,6 +381,177 @@ def control_tokens(tokenizer, template_text: str) -> list[str]:
     return sorted(out, key=len, reverse=True)
 
 
+# --- proving a template copies contents verbatim ----------------------------------------------------
+
+# Dict methods: `message.items` (or `message['items']`, which Jinja falls back to) reads the whole message.
+_DICT_ATTRIBUTES = frozenset(dir(dict))
+
+
+def template_writes_content_verbatim(template_text: str) -> bool:
+    """True when the template's output can depend on a message's content only by writing it verbatim.
+
+    Proved from the template's syntax tree (parsed by transformers' own Jinja environment): every
+    read of a message's content goes straight to the output, alone or joined with `+` / `~`, in a
+    loop, an `if` or a `{% generation %}` block; messages and the message list are used only for
+    their roles, their length, indexing, slicing and truthiness. Then the rendered text of any
+    conversation is the skeleton of its role sequence with the contents pasted in, and rows need
+    no second render to be verified. Conservative: anything else (a filter, test, condition,
+    `set`, macro or block that sees a content, a message passed whole anywhere) gives False, and
+    every row is then verified by rendering it.
+    """
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        environment = _compile_jinja_template(template_text).environment
+        tree = environment.parse(template_text)
+    except Exception:  # private API moved, or the template does not parse: verify by rendering
+        return False
+    if environment.autoescape:
+        return False
+    return _VerbatimProof(tree).holds()
+
+
+class _VerbatimProof:
+    """The syntax-tree walk behind template_writes_content_verbatim."""
+
+    def __init__(self, tree):
+        from jinja2 import nodes
+
+        self.nodes = nodes
+        self.tree = tree
+        self.parent: dict[int, tuple[Any, str]] = {}  # id(node) -> (parent node, field name)
+        self.all: list[Any] = []
+        stack = [tree]
+        while stack:
+            node = stack.pop()
+            self.all.append(node)
+            for name, value in node.iter_fields():
+                for child in (value if isinstance(value, list) else [value]):
+                    if isinstance(child, nodes.Node):
+                        self.parent[id(child)] = (node, name)
+                        stack.append(child)
+        self.list_names = {"messages"}
+        self.message_names: set[str] = set()
+
+    def kind(self, node) -> str | None:
+        """'list' (of messages), 'message', or None (anything else) for an expression."""
+        n = self.nodes
+        if isinstance(node, n.Name) and node.ctx == "load":
+            if node.name in self.list_names:
+                return "list"
+            if node.name in self.message_names:
+                return "message"
+        elif isinstance(node, n.Getitem) and self.kind(node.node) == "list":
+            return "list" if isinstance(node.arg, n.Slice) else "message"
+        elif isinstance(node, n.Filter) and node.node is not None and self.kind(node.node) == "list":
+            return "message" if node.name in ("first", "last") else None
+        elif isinstance(node, n.Getattr) and isinstance(node.node, n.Name) and node.node.name == "loop" \
+                and node.attr in ("previtem", "nextitem"):
+            return "message"
+        return None
+
+    def holds(self) -> bool:
+        n = self.nodes
+        if any(isinstance(x, (n.Include, n.Import, n.FromImport, n.Extends)) for x in self.all):
+            return False
+        # Names bound to messages (loop targets, `set` aliases), to a fixed point.
+        changed = True
+        while changed:
+            changed = False
+            for node in self.all:
+                if isinstance(node, n.For):
+                    source, target, bound = node.iter, node.target, "message"
+                    if self.kind(source) != "list":
+                        continue
+                elif isinstance(node, n.Assign):
+                    source, target = node.node, node.target
+                    bound = self.kind(source)
+                    if bound is None:
+                        continue
+                else:
+                    continue
+                if not isinstance(target, n.Name):
+                    return False  # unpacked or namespace targets: not followed
+                names = self.list_names if bound == "list" else self.message_names
+                if target.name not in names:
+                    names.add(target.name)
+                    changed = True
+        return all(self.use_is_allowed(node) for node in self.all if self.kind(node) is not None)
+
+    def use_is_allowed(self, node) -> bool:
+        n = self.nodes
+        parent, field_name = self.parent.get(id(node), (None, ""))
+        if self.in_boolean_context(node):
+            return True
+        if isinstance(parent, n.Assign) and field_name == "node":
+            return True
+        if self.kind(node) == "list":
+            if isinstance(parent, n.For) and field_name == "iter":
+                return True
+            if isinstance(parent, n.Getitem) and field_name == "node":
+                return True
+            return isinstance(parent, n.Filter) and field_name == "node" and \
+                parent.name in ("length", "count", "first", "last")
+        # A message: only its fields may be read, by constant name.
+        if isinstance(parent, n.Getitem) and field_name == "node" and isinstance(parent.arg, n.Const):
+            key = parent.arg.value
+        elif isinstance(parent, n.Getattr) and field_name == "node":
+            key = parent.attr
+        else:
+            return False
+        if not isinstance(key, str) or key in _DICT_ATTRIBUTES:
+            return False
+        return key != "content" or self.written_verbatim(parent)
+
+    def in_boolean_context(self, node) -> bool:
+        """The node's value is only ever tested for truth (if/elif, a loop filter, `x if node else y`)."""
+        n = self.nodes
+        while True:
+            parent, field_name = self.parent.get(id(node), (None, ""))
+            if isinstance(parent, (n.If, n.CondExpr, n.For)) and field_name == "test":
+                return True
+            if isinstance(parent, n.Not):
+                return True  # `not x` is a bool whatever x is
+            if not isinstance(parent, (n.And, n.Or)):
+                return False
+            node = parent  # `a and b` is a or b itself: it must land in a test too
+
+    def written_verbatim(self, content) -> bool:
+        """The content expression is written to the output, at most joined to other strings by + or ~,
+        outside any block that could capture or transform the output."""
+        n = self.nodes
+        node = content
+        while True:
+            parent, field_name = self.parent.get(id(node), (None, ""))
+            if isinstance(parent, (n.Add, n.Concat)):
+                node = parent
+                continue
+            if not (isinstance(parent, n.Output) and field_name == "nodes"):
+                return False
+            break
+        node = parent
+        while True:
+            parent, field_name = self.parent.get(id(node), (None, ""))
+            if parent is None:
+                return node is self.tree
+            if isinstance(parent, n.For) and field_name in ("body", "else_"):
+                pass
+            elif isinstance(parent, n.If) and field_name in ("body", "elif_", "else_"):
+                pass
+            elif isinstance(parent, n.CallBlock) and field_name == "body" and self.is_generation_block(parent):
+                pass
+            elif not isinstance(parent, n.Template):
+                return False
+            node = parent
+
+    def is_generation_block(self, block) -> bool:
+        """transformers' `{% generation %}` marker: it writes its body unchanged."""
+        n = self.nodes
+        call = block.call
+        return isinstance(call, n.Call) and isinstance(call.node, n.ExtensionAttribute) \
+            and call.node.name == "_generation_support" and not call.args and not call.kwargs
+
+
 # --- the encoder ----------------------------------------------------------------------------------
 
 _SENTINEL_RE = re.compile(" \n\ue000Aa<&'\"(\\d+)\ue001\n ")
@@ -441,6 +616,8 @@ class ConversationEncoder:
         ctrl = control_tokens(tokenizer, template_text)
         self.control_re = re.compile("|".join(map(re.escape, ctrl))) if ctrl else None
         self._compiled = self._compile()
+        # Only with transformers' own compiled template is the proof about what render() runs.
+        self.verbatim = self._compiled is not None and template_writes_content_verbatim(template_text)
         self.backend = self._backend()
 
     # rendering -------------------------------------------------------------------------------
@@ -521,8 +698,8 @@ class ConversationEncoder:
 
     def render_with_spans(self, msgs: list[dict[str, str]]) -> tuple[str, list[tuple[int, int, bool]], bool]:
         """(text, spans, fast): the template's exact rendering, assistant spans, whether the fast path held."""
-        text = self.render(msgs)
         skeleton = self._skeleton(tuple(m["role"] for m in msgs))
+        text = None
         if skeleton is not None and all(msgs[skeleton.pieces[k]]["content"] for k, _, _ in skeleton.spans):
             parts, starts, pos = [], {}, 0
             for k, piece in enumerate(skeleton.pieces):
@@ -531,7 +708,11 @@ class ConversationEncoder:
                     starts[k] = pos
                 parts.append(piece)
                 pos += len(piece)
-            if "".join(parts) == text:
+            assembled = "".join(parts)
+            # A template proved to copy contents verbatim renders exactly the assembly; any other
+            # template is rendered and compared, row by row.
+            text = assembled if self.verbatim else self.render(msgs)
+            if assembled == text:
                 spans = []
                 for k, rel, needs_eos in skeleton.spans:
                     content_end = starts[k] + len(parts[k])
@@ -821,13 +1002,15 @@ def _list_array(lengths, values):
 
 
 class _SplitWriter:
-    """Appends batches of rows to one split's Parquet file."""
+    """Appends batches of rows to one split's Parquet file, hashing them on the way (no re-read)."""
 
     def __init__(self, path: Path, with_messages: bool):
         import pyarrow.parquet as pq
 
         self.schema = _arrow_schema(with_messages)
         self.writer = pq.ParquetWriter(path, self.schema)
+        self.hasher = TableHasher()
+        self.lengths: list[Any] = []
         self.rows = 0
 
     def write(self, ids: list[str], lengths, input_ids, labels, messages=None) -> None:
@@ -843,7 +1026,10 @@ class _SplitWriter:
         ]
         if messages is not None:
             cols.append(pa.array(messages, type=self.schema.field("messages").type))
-        self.writer.write_table(pa.Table.from_arrays(cols, schema=self.schema))
+        table = pa.Table.from_arrays(cols, schema=self.schema)
+        self.writer.write_table(table)
+        self.hasher.update(table)
+        self.lengths.append(lengths)
         self.rows += len(ids)
 
     def close(self) -> None:
@@ -969,21 +1155,65 @@ def packed_attention_mask(example_lengths: Sequence[int], length: int, dtype=Non
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
 
 
-def _content_hash(paths: Iterable[Path]) -> str:
-    """sha256 over the data of Parquet files (schema and values, not the file layout), so the same
-    rows give the same hash however they were batched into row groups."""
-    import pyarrow as pa
+class TableHasher:
+    """sha256 of a table's values as they are appended, batch by batch: the same rows give the same
+    digest however they are cut into batches or row groups (each leaf column is its own stream)."""
+
+    def __init__(self) -> None:
+        self._streams: dict[str, Any] = {}
+
+    def _update(self, key: str, data: bytes) -> None:
+        stream = self._streams.get(key)
+        if stream is None:
+            stream = self._streams[key] = hashlib.sha256()
+        stream.update(data)
+
+    def _add_array(self, key: str, array) -> None:
+        import numpy as np
+        import pyarrow as pa
+
+        kind = array.type
+        if pa.types.is_list(kind):
+            self._add_array(f"{key}/lengths", array.value_lengths().fill_null(-1))
+            self._add_array(f"{key}/values", array.flatten())
+        elif pa.types.is_struct(kind):
+            for child_field, child in zip(kind, array.flatten()):
+                self._add_array(f"{key}.{child_field.name}", child)
+        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            # Each value closed by NUL, so ["ab"] and ["a", "b"] differ; None is written as \x01\0.
+            self._update(key, "".join("\x01\0" if v is None else v + "\0" for v in array.to_pylist())
+                         .encode("utf-8", "surrogatepass"))
+        else:
+            self._update(key, np.ascontiguousarray(array.to_numpy(zero_copy_only=False)).tobytes())
+
+    def update(self, table) -> None:
+        """Add the rows of a pyarrow Table or RecordBatch (always the same schema for one hasher)."""
+        for name, column in zip(table.column_names, table.columns):
+            for chunk in getattr(column, "chunks", [column]):
+                self._add_array(name, chunk)
+
+    def hexdigest(self) -> str:
+        h = hashlib.sha256()
+        for key in sorted(self._streams):
+            h.update(key.encode() + b"\0" + self._streams[key].digest())
+        return h.hexdigest()
+
+
+def parquet_digest(path: str | Path) -> str:
+    """TableHasher digest of a Parquet file's rows (what a writer that hashed while writing reported)."""
     import pyarrow.parquet as pq
 
+    hasher = TableHasher()
+    for batch in pq.ParquetFile(path).iter_batches():
+        hasher.update(batch)
+    return hasher.hexdigest()
+
+
+def combine_digests(digests: dict[str, str]) -> str:
+    """sha256 over (file name, digest) pairs in the given order: the dataset's content hash."""
     h = hashlib.sha256()
-    for path in paths:
-        h.update(path.name.encode() + b"\0")
-        table = pq.read_table(path).combine_chunks()
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, table.schema) as writer:
-            for batch in table.to_batches(max_chunksize=max(1, table.num_rows)):
-                writer.write_batch(batch)
-        h.update(sink.getvalue())
+    for name, digest in digests.items():
+        h.update(f"{name}\0{digest}\0".encode())
     return h.hexdigest()
 
 
@@ -1108,7 +1338,7 @@ def build_sft_dataset(
             [("id", pa.string()), ("reason", pa.string()), ("detail", pa.string())])), tmp / DROPPED_FILE)
 
         pack_length = cfg.effective_pack_length
-        train_lengths = pq.read_table(tmp / "train.parquet", columns=["length"]).column("length").to_numpy()
+        train_lengths = np.concatenate(writers["train"].lengths)
         efficiency = packing_efficiency(train_lengths, pack_length)
         packed_files, packed_sequences = {}, {}
         if cfg.packing:
@@ -1118,7 +1348,8 @@ def build_sft_dataset(
                 packed_sequences[split] = write_packed_split(tmp / f"{split}.parquet", tmp / name, pack_length, pad_id)
                 packed_files[split] = str(out_dir / name)
 
-        written = [tmp / f"{s}.parquet" for s in SPLITS] + [tmp / f"{s}.packed.parquet" for s in packed_sequences]
+        digests = {f"{s}.parquet": writers[s].hasher.hexdigest() for s in SPLITS}
+        digests.update({f"{s}.packed.parquet": parquet_digest(tmp / f"{s}.packed.parquet") for s in packed_sequences})
         seconds = time.perf_counter() - began
         info = SftDatasetInfo(
             path=str(out_dir),
@@ -1135,7 +1366,7 @@ def build_sft_dataset(
             dropped_reasons=dict(Counter(d["reason"] for d in dropped_rows)),
             rows_in=len(rows),
             fingerprint=fingerprint_value,
-            content_hash=_content_hash(written),
+            content_hash=combine_digests(digests),
             trainable_token_share=round(trainable / num_tokens, 6) if num_tokens else 0.0,
             packing_efficiency=round(efficiency, 6),
             pack_length=pack_length,
@@ -1147,6 +1378,7 @@ def build_sft_dataset(
             bos_prefix=_special_prefix(tokenizer),
             system_prompt=cfg.system_prompt,
             fast_path_rows=fast,
+            template_verbatim=template_writes_content_verbatim(template),
             slow_path_rows=slow,
             config=cfg.output_dict(),
             seconds=round(seconds, 3),

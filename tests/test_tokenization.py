@@ -359,10 +359,18 @@ CONTENT_DEPENDENT = (
 )
 
 
-@pytest.mark.parametrize("template", ["tokenizer", "alpaca", "llama2", "zephyr", "content_dependent", "plain"])
+# Branches on the content without changing it: the skeleton builds, the proof fails, rows are rendered.
+CONTENT_BRANCH = (
+    "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}{% if 'Paris' in m['content'] %}[city] {% endif %}"
+    "{{ m['content'] + '<|im_end|>\n' }}{% endfor %}"
+)
+
+
+@pytest.mark.parametrize("template", ["tokenizer", "alpaca", "llama2", "zephyr", "content_dependent", "content_branch",
+                                      "plain"])
 def test_fast_path_matches_reference(tokenizer, tmp_path, template):
-    if template == "content_dependent":
-        (tmp_path / "t.jinja").write_text(CONTENT_DEPENDENT)
+    if template in ("content_dependent", "content_branch"):
+        (tmp_path / "t.jinja").write_text(CONTENT_DEPENDENT if template == "content_dependent" else CONTENT_BRANCH)
         template = str(tmp_path / "t.jinja")
     elif template == "plain":
         (tmp_path / "t.jinja").write_text(
@@ -377,6 +385,51 @@ def test_fast_path_matches_reference(tokenizer, tmp_path, template):
     for msgs, row in zip(convs, batch.rows()):
         ids, labels = reference_encoding(msgs, tokenizer, text)
         assert row["input_ids"] == ids and row["labels"] == labels
+
+
+@pytest.mark.parametrize("template, verbatim", [
+    ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] ~ '<|im_end|>\n' }}{% endfor %}", True),
+    ("{% for m in messages %}{% if m.role == 'assistant' %}{% generation %}{{ m.content }}{% endgeneration %}"
+     "{% else %}{{ m.content }}{% endif %}{% if loop.last and messages|length > 1 %}.{% endif %}{% endfor %}", True),
+    ("{% if messages and messages[0]['role'] == 'system' %}{% set turns = messages[1:] %}{% else %}"
+     "{% set turns = messages %}{% endif %}{% for m in turns %}{{ m['content'] }}{% endfor %}", True),
+    (CONTENT_DEPENDENT, False),
+    (CONTENT_BRANCH, False),
+    ("{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}", False),
+    ("{% for m in messages %}{% filter upper %}{{ m['content'] }}{% endfilter %}{% endfor %}", False),
+    ("{% for m in messages %}{% set b %}{{ m['content'] }}{% endset %}{{ b }}{% endfor %}", False),
+    ("{{ messages | tojson }}", False),
+    ("{% for m in messages %}{{ m }}{% endfor %}", False),
+    ("{% for m in messages %}{% for k, v in m.items() %}{{ v }}{% endfor %}{% endfor %}", False),
+    ("{% for m in messages %}{{ m['content'] }}{% if loop.nextitem['content'] %}!{% endif %}{% endfor %}", False),
+    ("{% set ns = namespace(m=none) %}{% for m in messages %}{% set ns.m = m %}{% endfor %}{{ ns.m.content }}", False),
+    ("{% for m in messages %}{{ m['content'] if m['role'] == 'user' else m['content'][:3] }}{% endfor %}", False),
+    ("{% macro r(x) %}{{ x }}{% endmacro %}{% for m in messages %}{{ r(m['content']) }}{% endfor %}", False),
+    ("{% for m in messages %}{{ (m['content'] + '.') | length }}{% endfor %}", False),
+])
+def test_verbatim_proof(template, verbatim):
+    assert tokenization.template_writes_content_verbatim(template) is verbatim
+
+
+def test_shipped_templates_are_proved_verbatim(tokenizer):
+    texts = [resolve_template(tokenizer, name)[0] for name in ["tokenizer"] + tokenization.shipped_templates()]
+    assert all(tokenization.template_writes_content_verbatim(t) for t in texts)
+
+
+def test_proved_template_rows_are_not_rendered_again(tokenizer, tmp_path):
+    """With a proof, a row is assembled from its role sequence's skeleton: render() runs only to build
+    skeletons. Without one (CONTENT_BRANCH), every fast-path row is rendered once more to compare."""
+    convs = random_conversations(60)
+    for text, proved in ((resolve_template(tokenizer, "tokenizer")[0], True), (CONTENT_BRANCH, False)):
+        encoder = ConversationEncoder(tokenizer, text)
+        encoder.encode(convs)  # builds the skeletons
+        calls = []
+        render = encoder.render
+        encoder.render = lambda msgs, *a, **k: calls.append(1) or render(msgs, *a, **k)
+        batch = encoder.encode(convs)
+        assert encoder.verbatim is proved and batch.fast_rows > 0
+        # Unproved: at least every fast-path row was rendered (rows failing the comparison are too).
+        assert len(calls) == 0 if proved else len(calls) >= batch.fast_rows
 
 
 def test_content_dependent_template_falls_back_to_the_slow_path(tokenizer, tmp_path):
@@ -445,6 +498,25 @@ def test_workers_and_batches_do_not_change_the_output(tiny_model_dir, tmp_path):
     one = build_sft_dataset(rows, tiny_model_dir, tmp_path / "one", TokenizationConfig(**cfg))
     many = build_sft_dataset(rows, tiny_model_dir, tmp_path / "many", TokenizationConfig(num_workers=2, batch_size=9, **cfg))
     assert one.content_hash == many.content_hash and one.splits == many.splits and one.truncated == many.truncated
+
+
+def test_content_hash_is_the_written_rows(tiny_model_dir, tmp_path):
+    """The hash taken while writing equals the hash of the files read back; it ignores batching but
+    not a changed value."""
+    import pyarrow as pa
+
+    info = build_sft_dataset(make_rows(30), tiny_model_dir, tmp_path / "ds", TokenizationConfig(packing=True))
+    names = [f"{s}.parquet" for s in ("train", "validation", "test")] + ["train.packed.parquet", "validation.packed.parquet"]
+    read_back = {name: tokenization.parquet_digest(tmp_path / "ds" / name) for name in names}
+    assert tokenization.combine_digests(read_back) == info.content_hash
+
+    table = pa.table({"id": ["a", "b", "c"], "ids": pa.array([[1, 2], [3], []], type=pa.list_(pa.int32()))})
+    whole, pieces, changed = tokenization.TableHasher(), tokenization.TableHasher(), tokenization.TableHasher()
+    whole.update(table)
+    pieces.update(table.slice(0, 1))
+    pieces.update(table.slice(1))
+    changed.update(pa.table({"id": ["a", "b", "c"], "ids": pa.array([[1], [2, 3], []], type=pa.list_(pa.int32()))}))
+    assert whole.hexdigest() == pieces.hexdigest() != changed.hexdigest()
 
 
 # --- packing --------------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def sft_dataset(context: dg.AssetExecutionContext, config: SftDatasetConfig, sto
         "packed_sequences": dg.MetadataValue.json(info.packed_sequences),
         "fast_path_rows": info.fast_path_rows,
         "slow_path_rows": info.slow_path_rows,
+        "template_verbatim": info.template_verbatim,
         "tokenize_seconds": info.seconds,
         "tokens_per_second": info.tokens_per_second,
     }
