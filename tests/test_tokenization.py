@@ -568,3 +568,19 @@ def test_packed_split_isolates_examples(tiny_model_dir, tmp_path):
             start += n
         assert set(pack["attention_mask"][start:]) <= {0} and set(pack["labels"][start:]) <= {IGNORE_INDEX}
     assert 0 < info.packing_efficiency <= 1
+
+
+def test_bulk_allocation_restores_gc_and_heap_settings():
+    import gc
+    import platform
+
+    on_glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+    assert tokenization._set_heap_trim_threshold(tokenization._GLIBC_DEFAULT_TRIM_THRESHOLD) is on_glibc
+    assert gc.isenabled()
+    with tokenization.bulk_allocation():
+        assert not gc.isenabled()
+        kept = [bytearray(1 << 20) for _ in range(8)]  # allocations inside the block work as usual
+    assert gc.isenabled() and sum(len(b) for b in kept) == 8 << 20
+    with pytest.raises(RuntimeError), tokenization.bulk_allocation():
+        raise RuntimeError("a failing batch")
+    assert gc.isenabled()
