@@ -406,6 +406,17 @@ def test_fast_path_matches_reference(tokenizer, tmp_path, template):
     ("{% for m in messages %}{{ m['content'] if m['role'] == 'user' else m['content'][:3] }}{% endfor %}", False),
     ("{% macro r(x) %}{{ x }}{% endmacro %}{% for m in messages %}{{ r(m['content']) }}{% endfor %}", False),
     ("{% for m in messages %}{{ (m['content'] + '.') | length }}{% endfor %}", False),
+    # Found by review: the loop object reached other ways than loop.previtem / loop.nextitem ...
+    ("{% for m in messages %}{{ m.content }}{% if loop['nextitem'] %}{{ loop['nextitem'].content|length }}{% endif %}"
+     "{% endfor %}", False),
+    ("{% for m in messages %}{% set l = loop %}{{ m.content }}{{ l.nextitem.content|length }}{% endfor %}", False),
+    ("{% for m in messages recursive %}{{ m.content }}{% endfor %}", False),
+    # ... and one name bound to the list and to a message, so x['content'] looked like a message.
+    ("{% set x = messages %}{% set x = x[0] %}{% if x['content'] %}!{% endif %}", False),
+    ("{% for m in messages %}{% set messages = m %}{{ messages['content']['split']()|length }}{% endfor %}", False),
+    ("{% for m in messages %}{{ m.content }}{% if m.tool_calls %}!{% endif %}{% endfor %}", False),
+    ("{% set messages = messages[1:] %}{% for m in messages %}{{ m.content }}{% if loop.last %}.{% endif %}{% endfor %}",
+     True),
 ])
 def test_verbatim_proof(template, verbatim):
     assert tokenization.template_writes_content_verbatim(template) is verbatim
