@@ -1038,19 +1038,21 @@ def _set_heap_trim_threshold(nbytes: int) -> bool:
 @contextlib.contextmanager
 def bulk_allocation():
     """For the batch loop: freed heap stays in the process for the next batch (glibc; elsewhere
-    nothing changes), and the cyclic garbage collector pauses. The loop allocates millions of
-    short-lived objects and makes no reference cycles, so collections there only re-walk every
-    live conversation (about 1 % of the stage at 100k rows). Both are restored on exit."""
+    nothing changes), and the objects alive when the loop starts (every conversation) are frozen
+    out of garbage collection, so the collections the loop's millions of allocations trigger do
+    not walk them again each time (about 1 % of the stage at 100k rows). Cycles made inside the
+    loop (slow-path Jinja renders) are still collected. Both are undone on exit."""
     import gc
 
     raised = _set_heap_trim_threshold(HEAP_TRIM_THRESHOLD)
-    collecting = gc.isenabled()
-    gc.disable()
+    froze = gc.get_freeze_count() == 0  # someone else's freeze is left alone
+    if froze:
+        gc.freeze()
     try:
         yield
     finally:
-        if collecting:
-            gc.enable()
+        if froze:
+            gc.unfreeze()
         if raised:
             _set_heap_trim_threshold(_GLIBC_DEFAULT_TRIM_THRESHOLD)
             _glibc().malloc_trim(0)
