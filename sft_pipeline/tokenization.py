@@ -1011,7 +1011,8 @@ def _worker_init() -> None:
 # Each batch frees its encodings (~100 MB for 4096 conversations), so the next batch faults the
 # same memory back in, page by page: measured on this project's 2-core VM, 10-20 % of the encode
 # time at batch_size 4096 in bench/tokenization.py. While the stage runs the threshold is
-# raised; afterwards it is set back and the freed heap is returned at once.
+# raised; afterwards it is set back and the freed heap is returned at once. (Setting it also ends
+# glibc's dynamic mmap threshold for the process: large blocks keep using mmap from 128 KiB up.)
 HEAP_TRIM_THRESHOLD = 1 << 30
 _GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _M_TRIM_THRESHOLD = -1  # mallopt parameter number, from glibc's malloc.h
