@@ -647,6 +647,7 @@ class EncodedBatch:
     fast_rows: int = 0
     slow_rows: int = 0
     end_of_turn: dict[str, int] = field(default_factory=dict)
+    template_verbatim: bool = False  # the encoder assembled fast-path rows without rendering them
 
     def rows(self) -> list[dict[str, list[int]]]:
         """Per kept row: input_ids, attention_mask, labels as lists."""
@@ -939,7 +940,8 @@ class ConversationEncoder:
             lengths = lengths[keep_row]
         kept = np.asarray(positions, dtype=np.int64)[keep_row] if n_rows else np.zeros(0, dtype=np.int64)
         return EncodedBatch(kept=kept, lengths=lengths, input_ids=ids, labels=labels, truncated=truncated,
-                            dropped=sorted(dropped), fast_rows=fast, slow_rows=slow, end_of_turn=dict(eot_counts))
+                            dropped=sorted(dropped), fast_rows=fast, slow_rows=slow, end_of_turn=dict(eot_counts),
+                            template_verbatim=self.verbatim)
 
 
 def _token_range(enc, s: int, e: int, n: int) -> tuple[int, int]:
@@ -1018,6 +1020,7 @@ _GLIBC_DEFAULT_TRIM_THRESHOLD = 128 * 1024
 _M_TRIM_THRESHOLD = -1  # mallopt parameter number, from glibc's malloc.h
 
 
+@lru_cache(maxsize=1)
 def _glibc():
     import ctypes
     import ctypes.util
@@ -1182,8 +1185,10 @@ def packing_efficiency(lengths: Sequence[int], pack_length: int) -> float:
     return float(sum(int(x) for x in lengths)) / (len(bins) * pack_length)
 
 
-def write_packed_split(src: str | Path, dst: str | Path, pack_length: int, pad_token_id: int) -> int:
+def write_packed_split(src: str | Path, dst: str | Path, pack_length: int, pad_token_id: int,
+                       hasher: TableHasher | None = None) -> int:
     """Pack an unpacked split file into fixed-length sequences; returns the number of sequences.
+    `hasher`, when given, is fed the rows written (so the file need not be read back to hash it).
 
     Each sequence holds whole examples back to back and ends with padding (label -100, attention 0).
     position_ids restart at 0 for every example (and for the padding). To keep examples from
@@ -1202,7 +1207,10 @@ def write_packed_split(src: str | Path, dst: str | Path, pack_length: int, pad_t
     ids = table.column("input_ids").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.int32)
     labels = table.column("labels").combine_chunks().values.to_numpy(zero_copy_only=False).astype(np.int32)
     if not len(lengths):
-        pq.write_table(_packed_schema().empty_table(), dst, **PARQUET_WRITE_OPTIONS)
+        empty = _packed_schema().empty_table()
+        pq.write_table(empty, dst, **PARQUET_WRITE_OPTIONS)
+        if hasher is not None:
+            hasher.update(empty)
         return 0
     starts = np.zeros(len(lengths) + 1, dtype=np.int64)
     np.cumsum(lengths, out=starts[1:])
@@ -1243,7 +1251,10 @@ def write_packed_split(src: str | Path, dst: str | Path, pack_length: int, pad_t
         pa.array(ex_ids, type=pa.list_(pa.string())),
         _list_array(per_bin, ordered_len.astype(np.int32)),
     ]
-    pq.write_table(pa.Table.from_arrays(cols, schema=schema), dst, **PARQUET_WRITE_OPTIONS)
+    table = pa.Table.from_arrays(cols, schema=schema)
+    pq.write_table(table, dst, **PARQUET_WRITE_OPTIONS)
+    if hasher is not None:
+        hasher.update(table)
     return n_bins
 
 
@@ -1398,6 +1409,7 @@ def build_sft_dataset(
             results = (encoder.encode(conv, ids) for _, ids, conv in chunks)
 
         truncated = fast = slow = 0
+        verbatim = True
         eot: Counter = Counter()
         lengths_all, trainable = [], 0
         try:
@@ -1405,6 +1417,7 @@ def build_sft_dataset(
                 for (_, chunk_ids, chunk_msgs), batch in zip(chunks, results):
                     truncated += batch.truncated
                     fast += batch.fast_rows
+                    verbatim &= batch.template_verbatim
                     slow += batch.slow_rows
                     eot.update(batch.end_of_turn)
                     for pos, reason, detail in batch.dropped:
@@ -1450,16 +1463,18 @@ def build_sft_dataset(
         pack_length = cfg.effective_pack_length
         train_lengths = np.concatenate(writers["train"].lengths)
         efficiency = packing_efficiency(train_lengths, pack_length)
-        packed_files, packed_sequences = {}, {}
+        packed_files, packed_sequences, packed_hashers = {}, {}, {}
         if cfg.packing:
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
             for split in PACKED_SPLITS:
                 name = f"{split}.packed.parquet"
-                packed_sequences[split] = write_packed_split(tmp / f"{split}.parquet", tmp / name, pack_length, pad_id)
+                packed_hashers[name] = TableHasher()
+                packed_sequences[split] = write_packed_split(tmp / f"{split}.parquet", tmp / name, pack_length, pad_id,
+                                                             packed_hashers[name])
                 packed_files[split] = str(out_dir / name)
 
         digests = {f"{s}.parquet": writers[s].hasher.hexdigest() for s in SPLITS}
-        digests.update({f"{s}.packed.parquet": parquet_digest(tmp / f"{s}.packed.parquet") for s in packed_sequences})
+        digests.update({name: hasher.hexdigest() for name, hasher in packed_hashers.items()})
         seconds = time.perf_counter() - began
         info = SftDatasetInfo(
             path=str(out_dir),
@@ -1488,7 +1503,7 @@ def build_sft_dataset(
             bos_prefix=_special_prefix(tokenizer),
             system_prompt=cfg.system_prompt,
             fast_path_rows=fast,
-            template_verbatim=template_writes_content_verbatim(template),
+            template_verbatim=verbatim,
             slow_path_rows=slow,
             config=cfg.output_dict(),
             seconds=round(seconds, 3),

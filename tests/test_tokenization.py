@@ -520,6 +520,7 @@ def test_content_hash_is_the_written_rows(tiny_model_dir, tmp_path):
     names = [f"{s}.parquet" for s in ("train", "validation", "test")] + ["train.packed.parquet", "validation.packed.parquet"]
     read_back = {name: tokenization.parquet_digest(tmp_path / "ds" / name) for name in names}
     assert tokenization.combine_digests(read_back) == info.content_hash
+    assert info.template_verbatim is True  # the tiny tokenizer's ChatML template is proved verbatim
 
     table = pa.table({"id": ["a", "b", "c"], "ids": pa.array([[1, 2], [3], []], type=pa.list_(pa.int32()))})
     whole, pieces, changed = tokenization.TableHasher(), tokenization.TableHasher(), tokenization.TableHasher()
