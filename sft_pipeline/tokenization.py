@@ -41,6 +41,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+from sft_pipeline.hashing import TableHasher, combine_digests, parquet_digest  # noqa: F401 (re-exported)
+
 IGNORE_INDEX = -100
 SPLITS = ("train", "validation", "test")
 PACKED_SPLITS = ("train", "validation")
@@ -1273,68 +1275,6 @@ def packed_attention_mask(example_lengths: Sequence[int], length: int, dtype=Non
     same |= torch.eye(length, dtype=torch.bool)  # padding tokens attend to themselves
     allowed = same & torch.tril(torch.ones(length, length, dtype=torch.bool))
     return torch.where(allowed, 0.0, torch.finfo(dtype).min).to(dtype)[None, None]
-
-
-class TableHasher:
-    """sha256 of a table's values as they are appended, batch by batch: the same rows give the same
-    digest however they are cut into batches or row groups (each leaf column is its own stream)."""
-
-    def __init__(self) -> None:
-        self._streams: dict[str, Any] = {}
-
-    def _update(self, key: str, data: bytes) -> None:
-        stream = self._streams.get(key)
-        if stream is None:
-            stream = self._streams[key] = hashlib.sha256()
-        stream.update(data)
-
-    def _add_array(self, key: str, array) -> None:
-        import numpy as np
-        import pyarrow as pa
-
-        kind = array.type
-        if pa.types.is_list(kind):
-            self._add_array(f"{key}/lengths", array.value_lengths().fill_null(-1))
-            self._add_array(f"{key}/values", array.flatten())
-        elif pa.types.is_struct(kind):
-            for child_field, child in zip(kind, array.flatten()):
-                self._add_array(f"{key}.{child_field.name}", child)
-        elif pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            # Each value closed by NUL, so ["ab"] and ["a", "b"] differ; None is written as \x01\0.
-            self._update(key, "".join("\x01\0" if v is None else v + "\0" for v in array.to_pylist())
-                         .encode("utf-8", "surrogatepass"))
-        else:
-            self._update(key, np.ascontiguousarray(array.to_numpy(zero_copy_only=False)).tobytes())
-
-    def update(self, table) -> None:
-        """Add the rows of a pyarrow Table or RecordBatch (always the same schema for one hasher)."""
-        for name, column in zip(table.column_names, table.columns):
-            for chunk in getattr(column, "chunks", [column]):
-                self._add_array(name, chunk)
-
-    def hexdigest(self) -> str:
-        h = hashlib.sha256()
-        for key in sorted(self._streams):
-            h.update(key.encode() + b"\0" + self._streams[key].digest())
-        return h.hexdigest()
-
-
-def parquet_digest(path: str | Path) -> str:
-    """TableHasher digest of a Parquet file's rows (what a writer that hashed while writing reported)."""
-    import pyarrow.parquet as pq
-
-    hasher = TableHasher()
-    for batch in pq.ParquetFile(path).iter_batches():
-        hasher.update(batch)
-    return hasher.hexdigest()
-
-
-def combine_digests(digests: dict[str, str]) -> str:
-    """sha256 over (file name, digest) pairs in the given order: the dataset's content hash."""
-    h = hashlib.sha256()
-    for name, digest in digests.items():
-        h.update(f"{name}\0{digest}\0".encode())
-    return h.hexdigest()
 
 
 def _batches(n: int, size: int) -> Iterable[tuple[int, int]]:
