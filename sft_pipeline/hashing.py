@@ -139,3 +139,13 @@ def parquet_digest(path: str | Path) -> str:
     for batch in pq.ParquetFile(path).iter_batches():
         hasher.update(batch)
     return hasher.hexdigest()
+
+
+# PEFT writes a generated README (a template, not part of the model) next to an adapter.
+MODEL_DIGEST_EXCLUDE = ("README.md",)
+
+
+def model_digest(folder: str | Path) -> str:
+    """The identity of a saved model or adapter folder: every file but the generated README.
+    Training records it, the registry tags the version with it, exports verify against it."""
+    return folder_digest(folder, exclude=MODEL_DIGEST_EXCLUDE)
