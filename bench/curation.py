@@ -6,7 +6,7 @@
 
 It writes the corpus as Alpaca JSONL, runs the whole stage (`load_sources` then
 `clean_instructions`, MMLU-style decontamination included), then runs near-deduplication alone
-twice on the same texts: the vectorized `sft_pipeline.curation.near_duplicates` and the plain
+twice on the same texts: the vectorized `sft_pipeline.curation.dedup.near_duplicates` and the plain
 per-row datasketch loop (`MinHash.update_batch`, `MinHashLSH.query`, `insert`) that the stage
 used before. It prints rows/s, near-duplicate recall, planted distinct rows wrongly removed and
 peak RSS, and exits 1 when a goal fails: recall >= 0.95, no distinct row removed, vectorized
@@ -34,8 +34,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sft_pipeline.curation import CurationConfig, clean_instructions, near_duplicates  # noqa: E402
-from sft_pipeline.ingest import SourceSpec, load_sources  # noqa: E402
+from sft_pipeline.curation.clean import clean_instructions  # noqa: E402
+from sft_pipeline.curation.config import CurationConfig  # noqa: E402
+from sft_pipeline.curation.dedup import near_duplicates  # noqa: E402
+from sft_pipeline.ingest.sources import SourceSpec, load_sources  # noqa: E402
 
 TEMPLATES = [
     "Translate the following sentence into French and explain any idioms it uses:",
@@ -180,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows", type=int, default=200_000, help="corpus size (>= 200,000 for the goal)")
     parser.add_argument("--exact-share", type=float, default=0.05)
     parser.add_argument("--near-share", type=float, default=0.10)
-    parser.add_argument("--benchmark-items", type=int, default=2000, help="MMLU-like items for decontamination; 1% of distinct rows quote one")
+    parser.add_argument("--benchmark-items", type=int, default=2000, help="MMLU-like items for decontamination; 1%% of distinct rows quote one")
     parser.add_argument("--baseline-rows", type=int, default=0, help="texts given to both near-dedup implementations; 0 = all")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -1,51 +1,12 @@
-"""Reading every input shape and every kind of bad record."""
+"""Reading every file format and Hugging Face datasets, and every kind of bad record."""
 
 import json
 
 import pandas as pd
 import pytest
 
-from sft_pipeline.ingest import SourceSpec, default_sources, detect_shape, load_sources, to_messages
-
-
-def write_jsonl(path, records):
-    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in records) + "\n", encoding="utf-8")
-    return path
-
-
-ALPACA = {"instruction": "Name a prime number.", "input": "", "output": "Seven is prime.", "category": "open_qa"}
-DOLLY = {"instruction": "Who wrote it?", "context": "The memo was written by Ana.", "response": "Ana wrote it.", "category": "closed_qa"}
-SHAREGPT = {"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]}
-MESSAGES = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
-PROMPT_COMPLETION = {"prompt": "Translate 'gato' to English.", "completion": "cat"}
-
-
-@pytest.mark.parametrize(
-    "record, shape, expected",
-    [
-        (ALPACA, "alpaca", [("user", "Name a prime number."), ("assistant", "Seven is prime.")]),
-        (DOLLY, "dolly", [("user", "Who wrote it?\n\nThe memo was written by Ana."), ("assistant", "Ana wrote it.")]),
-        (SHAREGPT, "sharegpt", [("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!")]),
-        (MESSAGES, "messages", [("user", "2+2?"), ("assistant", "4")]),
-        (PROMPT_COMPLETION, "prompt_completion", [("user", "Translate 'gato' to English."), ("assistant", "cat")]),
-    ],
-)
-def test_every_shape_is_detected_and_mapped(record, shape, expected):
-    assert detect_shape(record) == shape
-    assert [(m["role"], m["content"]) for m in to_messages(record, "auto")] == expected
-
-
-def test_jsonl_rows_keep_provenance_and_stable_ids(tmp_path):
-    path = write_jsonl(tmp_path / "mixed.jsonl", [ALPACA, DOLLY, SHAREGPT])
-    first = load_sources([SourceSpec(str(path), name="mine")])
-    second = load_sources([SourceSpec(str(path), name="mine")])
-    rows = first.rows
-    assert list(rows["source_index"]) == [1, 2, 3]  # JSONL positions are line numbers
-    assert set(rows["source"]) == {"mine"} and set(rows["source_file"]) == {str(path)}
-    assert list(rows["category"][:2]) == ["open_qa", "closed_qa"]
-    assert list(rows["id"]) == list(second.rows["id"])
-    assert rows["id"].is_unique
-    assert first.records_per_source == {"mine": 3}
+from sft_pipeline.ingest.sources import SourceSpec, load_sources
+from tests.unit.ingest.samples import ALPACA, DOLLY, MESSAGES, SHAREGPT, write_jsonl
 
 
 def test_bad_records_are_rejected_with_reasons_and_positions(tmp_path):
@@ -95,47 +56,6 @@ def test_json_csv_parquet_and_column_mapping(tmp_path):
     assert result.rows.iloc[3]["response"] == "4"
 
 
-def test_glob_and_saved_dataset(tmp_path):
-    import datasets
-
-    write_jsonl(tmp_path / "part-1.jsonl", [ALPACA])
-    write_jsonl(tmp_path / "part-2.jsonl", [DOLLY])
-    datasets.Dataset.from_list([PROMPT_COMPLETION]).save_to_disk(str(tmp_path / "saved"))
-    result = load_sources([SourceSpec(str(tmp_path / "part-*.jsonl"), name="parts"), SourceSpec(str(tmp_path / "saved"))])
-    assert list(result.rows["source"]) == ["parts", "parts", "saved"]
-    assert result.rows.iloc[2]["response"] == "cat"
-
-
-def test_missing_file_names_it_and_empty_source_is_fine(tmp_path):
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
-        load_sources([SourceSpec(str(tmp_path / "nope.jsonl"))])
-    with pytest.raises(FileNotFoundError, match="matched no"):
-        load_sources([SourceSpec(str(tmp_path / "none-*.jsonl"))])
-    (tmp_path / "empty.jsonl").write_text("")
-    result = load_sources([SourceSpec(str(tmp_path / "empty.jsonl"))])
-    assert result.rows.empty and result.rejected.empty and result.records_per_source == {"empty": 0}
-
-
-def test_bad_shape_config_is_rejected():
-    with pytest.raises(ValueError, match="shape must be one of"):
-        SourceSpec("x.jsonl", shape="alpacca")
-
-
-def test_packaged_seed_set_is_large_diverse_and_clean():
-    result = load_sources(default_sources())
-    assert result.rejected.empty, result.rejected[["source_index", "reason", "detail"]]
-    assert len(result.rows) >= 150
-    categories = result.rows["category"].value_counts()
-    for category in ["open_qa", "closed_qa", "classification", "summarization", "information_extraction", "brainstorming", "creative_writing", "code"]:
-        assert categories.get(category, 0) >= 10, category
-    assert {"seed_alpaca", "seed_sharegpt"} == set(result.rows["source"])
-    multi_turn = result.rows["messages"].map(lambda m: sum(t["role"] == "assistant" for t in m) > 1)
-    assert multi_turn.sum() >= 10
-
-
-# ---------------------------------------------------------------- deeper: every bad-input kind, every source kind
-
-
 def test_oversized_records_are_rejected_unparsed_in_every_format(tmp_path):
     big = {"instruction": "Summarize.", "input": "word " * 400, "output": "Short."}
     small = {"instruction": "Say hi.", "input": "", "output": "Hi!"}
@@ -166,27 +86,6 @@ def test_wrong_types_and_missing_fields_in_tabular_sources(tmp_path):
     reasons = sorted(zip(result.rejected["source"], result.rejected["source_index"], result.rejected["reason"]))
     assert reasons == [("gaps", 1, "missing_field"), ("ints", 0, "wrong_type"), ("nulls", 1, "missing_field")]
     assert list(result.rows["source"]) == ["nulls", "gaps"]
-
-
-def test_shape_forced_and_column_mapping_for_every_shape(tmp_path):
-    records = [
-        ({"q": "Name a prime.", "ctx": "", "a": "Two."}, "alpaca", {"instruction": "q", "input": "ctx", "output": "a"}),
-        ({"task": "Who wrote it?", "text": "Ana wrote it.", "answer": "Ana."}, "dolly", {"instruction": "task", "context": "text", "response": "answer"}),
-        ({"dialog": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello"}]}, "sharegpt", {"conversations": "dialog"}),
-        ({"turns": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}, "messages", {"messages": "turns"}),
-        ({"question": "Capital of Peru?", "answer": "Lima."}, "prompt_completion", {"prompt": "question", "completion": "answer"}),
-    ]
-    specs = []
-    for i, (record, shape, columns) in enumerate(records):
-        path = write_jsonl(tmp_path / f"s{i}.jsonl", [record])
-        specs.append(SourceSpec(str(path), shape=shape, columns=columns))
-    result = load_sources(specs)
-    assert result.rejected.empty, result.rejected
-    assert [m[-1]["content"] for m in result.rows["messages"]] == ["Two.", "Ana.", "Hello", "4", "Lima."]
-    # A forced shape that does not fit the record is a missing field, not a crash.
-    path = write_jsonl(tmp_path / "wrong.jsonl", [DOLLY])
-    rejected = load_sources([SourceSpec(str(path), shape="sharegpt")]).rejected
-    assert list(rejected["reason"]) == ["missing_field"]
 
 
 def test_json_file_errors_name_the_file_and_wrapped_lists_are_read(tmp_path):
@@ -228,16 +127,3 @@ def test_unknown_hub_dataset_fails_naming_it(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(FileNotFoundError, match="nobody-xyz/no-such-dataset"):
         load_sources([SourceSpec("hf://nobody-xyz/no-such-dataset", revision="main")])
-
-
-def test_sources_merge_in_order_with_provenance_and_empty_sources_count_zero(tmp_path):
-    write_jsonl(tmp_path / "one.jsonl", [ALPACA, "{bad"])
-    (tmp_path / "two.json").write_text("[]")
-    pd.DataFrame({"prompt": pd.Series([], dtype=str), "completion": pd.Series([], dtype=str)}).to_parquet(tmp_path / "three.parquet")
-    write_jsonl(tmp_path / "four.jsonl", [MESSAGES])
-    specs = [SourceSpec(str(tmp_path / n)) for n in ("one.jsonl", "two.json", "three.parquet", "four.jsonl")]
-    result = load_sources(specs)
-    assert result.records_per_source == {"one": 2, "two": 0, "three": 0, "four": 1}
-    assert list(zip(result.rows["source"], result.rows["source_index"])) == [("one", 1), ("four", 1)]
-    assert list(zip(result.rejected["source"], result.rejected["source_index"], result.rejected["reason"])) == [("one", 2, "malformed_json")]
-    assert result.rejected.iloc[0]["raw"] == "{bad\n" and result.rejected.iloc[0]["source_file"] == str(tmp_path / "one.jsonl")
