@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from sft_pipeline.augmentation import NoveltyFilter  # noqa: E402
+from sft_pipeline.augmentation.novelty import NoveltyFilter  # noqa: E402
 
 VERBS = ["Write", "Explain", "List", "Describe", "Summarize", "Classify", "Give", "Suggest", "Compare", "Translate",
          "Create", "Generate", "Rewrite", "Identify", "Outline", "Name", "Plan", "Draft", "Evaluate", "Predict"]
