@@ -6,27 +6,19 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from sft_pipeline.curation.ngrams import ngram_hashes, word_hashes, words
+from sft_pipeline.curation.ngrams import ngram_hashes, word_hashes
+from sft_pipeline.text_metrics import first_shared_ngram, ngram_index
 
 
 def benchmark_ngrams(texts: Iterable[tuple[str, str]], n: int) -> dict[tuple[str, ...], str]:
     """Every n-word run of the benchmark texts, mapped to the id of the item it came from."""
-    index: dict[tuple[str, ...], str] = {}
-    for item_id, text in texts:
-        tokens = words(text)
-        for i in range(len(tokens) - n + 1):
-            index.setdefault(tuple(tokens[i : i + n]), item_id)
-    return index
+    return ngram_index(texts, n)
 
 
 def contamination(text: str, index: dict[tuple[str, ...], str], n: int) -> tuple[str, str] | None:
     """The first (benchmark item id, shared n-gram) this text shares with the benchmark, or None."""
-    tokens = words(text)
-    for i in range(len(tokens) - n + 1):
-        gram = tuple(tokens[i : i + n])
-        if gram in index:
-            return index[gram], " ".join(gram)
-    return None
+    hit = first_shared_ngram(text, index, n)
+    return None if hit is None else (hit[0], " ".join(hit[1]))
 
 
 def find_contaminated(texts: Sequence[str], benchmark: Sequence[tuple[str, str]], n: int, chunk_rows: int = 20_000) -> dict[int, tuple[str, str]]:

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import re
 from itertools import chain
 from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
-_WORD = re.compile(r"\w+", re.UNICODE)
-
-
-def words(text: str) -> list[str]:
-    """Lower-case word tokens, the unit of shingles and n-grams."""
-    return _WORD.findall(text.casefold())
+from sft_pipeline.text_metrics import word_tokens as words  # noqa: F401 (the unit of shingles and n-grams)
 
 
 U64 = np.uint64
@@ -40,7 +34,7 @@ def word_hashes(texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
 
     Hashing is pandas' SipHash with its fixed key, so equal words hash equally in every process.
     """
-    tokens = [_WORD.findall(t.casefold()) for t in texts]
+    tokens = [words(t) for t in texts]
     lengths = np.fromiter((len(t) for t in tokens), dtype=np.int64, count=len(tokens))
     flat = np.fromiter(chain.from_iterable(tokens), dtype=object, count=int(lengths.sum()))
     hashes = pd.util.hash_array(flat, categorize=True) if len(flat) else np.zeros(0, dtype=np.uint64)
