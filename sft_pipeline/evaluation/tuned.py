@@ -1,0 +1,113 @@
+"""Evaluating a tuned model against its base: MMLU with a paired comparison, held-out loss and task
+metrics of both models, and the gate verdict. Plain inputs and outputs; the Dagster asset only maps them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from sft_pipeline.evaluation.gate import gate_verdict
+from sft_pipeline.evaluation.heldout import evaluate_generations, generation_rows, heldout_loss, side_by_side_generations
+from sft_pipeline.evaluation.scoring import score_multiple_choice, summarize_accuracy
+from sft_pipeline.evaluation.statistics import compare_evaluations
+from sft_pipeline.evaluation.answer_metrics import task_metrics
+from sft_pipeline.modeling import load_model_for_eval
+
+TASK_METRICS = ("exact_match", "f1", "rouge_l", "score")
+
+
+@dataclass
+class GateSettings:
+    """The thresholds a tuned model must meet to be promoted."""
+
+    max_mmlu_drop: float = 0.05
+    max_test_loss_increase: float = 0.0
+    min_task_improvement: float = 0.0
+
+
+@dataclass
+class TunedEvaluation:
+    """Everything `evaluate_tuned_model` measured."""
+
+    tuned: dict[str, Any]
+    base: dict[str, Any]
+    comparison: dict[str, Any]
+    gate: dict[str, Any]
+    task: dict[str, Any] | None
+    predictions: pd.DataFrame
+    generations: pd.DataFrame | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def evaluate_tuned_model(
+    base_model_dir: str | Path,
+    tuned_weights: dict[str, str | None],
+    questions: pd.DataFrame,
+    fewshot: pd.DataFrame | None,
+    prompt_format: str,
+    base_summary: dict[str, Any],
+    base_predictions: pd.DataFrame | None,
+    test_path: str | Path,
+    categories: dict[str, str],
+    gate: GateSettings,
+    batch_size: int = 8,
+    generation_rows_limit: int = 16,
+    max_new_tokens: int = 64,
+    chat_template: str | None = None,
+) -> TunedEvaluation:
+    """Score the base model's held-out loss and generations, then the tuned model's MMLU, held-out loss
+    and generations (`tuned_weights`: `adapter_dir` over the base, or a whole `model_dir`), and decide the gate.
+
+    The base model's held-out figures are computed here, not with its MMLU scores, so that the base
+    evaluation depends only on the base model and the benchmark and survives retrains.
+    """
+    rows = generation_rows(test_path, categories, generation_rows_limit)
+    base_model, base_tokenizer = load_model_for_eval(base_model_dir)
+    base_test = heldout_loss(base_model, test_path, batch_size=batch_size)
+    base_gen = evaluate_generations(base_model, base_tokenizer, rows, max_new_tokens, batch_size, chat_template) if len(rows) else None
+    del base_model
+    if tuned_weights.get("adapter_dir"):
+        model, tokenizer = load_model_for_eval(base_model_dir, tuned_weights["adapter_dir"])
+    else:
+        model, tokenizer = load_model_for_eval(tuned_weights["model_dir"])
+    predictions = score_multiple_choice(model, tokenizer, questions, batch_size=batch_size, fewshot=fewshot, prompt_format=prompt_format)
+    tuned = summarize_accuracy(predictions)
+    tuned["test"] = heldout_loss(model, test_path, batch_size=batch_size)
+    tuned_gen = evaluate_generations(model, tokenizer, rows, max_new_tokens, batch_size, chat_template) if len(rows) else None
+    del model
+
+    base = {**base_summary, "test": base_test}
+    comparison = compare_evaluations(base, tuned, base_predictions, predictions)
+    task = None
+    if base_gen is not None:
+        task = {"base": task_metrics(base_gen), "tuned": task_metrics(tuned_gen)}
+        task["delta"] = {k: task["tuned"][k] - task["base"][k] for k in TASK_METRICS
+                         if task["tuned"][k] is not None and task["base"][k] is not None}
+        base["task"], tuned["task"] = task["base"], task["tuned"]
+    passed, reasons = gate_verdict(comparison, base_test, tuned["test"], gate.max_mmlu_drop, gate.max_test_loss_increase,
+                                   (task or {}).get("delta", {}).get("score"), gate.min_task_improvement)
+    return TunedEvaluation(
+        tuned=tuned, base=base, comparison=comparison, gate={"passed": passed, "reasons": reasons}, task=task,
+        predictions=predictions, generations=side_by_side_generations(base_gen, tuned_gen) if base_gen is not None else None,
+    )
+
+
+def evaluation_metrics(result: TunedEvaluation) -> dict[str, float | None]:
+    """MLflow metric names and values of a tuned evaluation (both models, deltas, the gate)."""
+    from sft_pipeline.evaluation.mlflow_log import flatten_metrics
+
+    tuned, base, comparison = result.tuned, result.base, result.comparison
+    metrics = {**flatten_metrics("mmlu_", tuned), **flatten_metrics("mmlu_base_", base),
+               "mmlu_accuracy_delta": comparison["accuracy_delta"], "mmlu_macro_accuracy_delta": comparison["macro_accuracy_delta"],
+               "mmlu_paired_p_value": (comparison.get("paired") or {}).get("p_value"),
+               "test_loss": tuned["test"]["loss"], "test_loss_base": base["test"]["loss"],
+               "test_perplexity": tuned["test"]["perplexity"], "test_perplexity_base": base["test"]["perplexity"],
+               "gate_passed": float(result.gate["passed"])}
+    if result.task is not None:
+        for side in ("base", "tuned"):
+            for k in TASK_METRICS:
+                metrics[f"task_{k}" + ("_base" if side == "base" else "")] = result.task[side][k]
+    return metrics

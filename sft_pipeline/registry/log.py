@@ -1,0 +1,103 @@
+"""Logging the fine-tuned model to an MLflow run: transformers flavor, signature, input example, requirements."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+MODEL_ARTIFACT_NAME = "model"
+LOG_MODES = ("adapter", "merged")
+DEFAULT_EXAMPLE_PROMPT = "Give three tips for staying healthy."
+GENERATION_PARAMS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
+
+
+def _pip_requirements() -> list[str]:
+    # Given explicitly: MLflow's inference would re-load the model in a subprocess (slow).
+    from importlib.metadata import PackageNotFoundError, version
+
+    reqs = []
+    for pkg in ("torch", "transformers", "peft", "accelerate", "tokenizers", "safetensors"):
+        try:
+            reqs.append(f"{pkg}=={version(pkg)}")
+        except PackageNotFoundError:
+            pass
+    return reqs
+
+
+def _load_for_logging(weights_dir: Path, base_model_dir: Path):
+    """Return (model, tokenizer, is_peft) for the folder produced by training."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    is_peft = (weights_dir / "adapter_config.json").is_file()
+    tok_dir = weights_dir if (weights_dir / "tokenizer_config.json").is_file() else base_model_dir
+    tokenizer = AutoTokenizer.from_pretrained(tok_dir)
+    if is_peft:
+        from peft import PeftModel
+
+        base = AutoModelForCausalLM.from_pretrained(base_model_dir)
+        model = PeftModel.from_pretrained(base, weights_dir)
+    elif (weights_dir / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(weights_dir)
+    else:
+        raise FileNotFoundError(f"{weights_dir} holds neither a PEFT adapter nor a Hugging Face model")
+    return model, tokenizer, is_peft
+
+
+def load_model_for_logging(weights_dir: Path, base_model_dir: Path, log_mode: str):
+    """Return (model, tokenizer, effective_mode): the adapter merged when `log_mode` is "merged".
+
+    effective_mode is "adapter" (PEFT adapter over the base), "merged" (adapter merged into the
+    base weights) or "full" (training saved full weights, no adapter).
+    """
+    model, tokenizer, is_peft = _load_for_logging(weights_dir, base_model_dir)
+    if log_mode == "merged" and is_peft:
+        model = model.merge_and_unload()
+    effective_mode = "adapter" if (is_peft and log_mode == "adapter") else "merged" if is_peft else "full"
+    return model, tokenizer, effective_mode
+
+
+def chat_prompt_template(tokenizer) -> str | None:
+    """An MLflow ``prompt_template`` (with one ``{prompt}``) from the tokenizer's chat template, or None."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "PROMPTMARKER7f3a"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True)
+    except Exception:
+        return None
+    if not isinstance(text, str) or text.count(marker) != 1 or "{" in text or "}" in text:
+        return None  # braces would break str.format in MLflow's template handling
+    return text.replace(marker, "{prompt}")
+
+
+def model_signature():
+    """Signature of the logged pipeline: a prompt string in, generated text out, generation params."""
+    from mlflow.models import infer_signature
+
+    return infer_signature([DEFAULT_EXAMPLE_PROMPT], ["generated text"], params=dict(GENERATION_PARAMS))
+
+
+def log_model(mlflow, model, tokenizer, *, effective_mode: str, base_model_dir: Path, card_text: str,
+              model_sha256: str, prompt_template: str | None):
+    """Log `model` and `tokenizer` into the active run of `mlflow` (the module, already pointed at the
+    store) as the transformers flavor; returns MLflow's ModelInfo.
+
+    In "adapter" mode only the adapter is stored and the local base folder is recorded
+    (``base_model_path``), so a version costs megabytes but needs that folder where it is loaded.
+    """
+    from huggingface_hub import ModelCard
+
+    log_kwargs: dict[str, Any] = {"base_model_path": str(base_model_dir)} if effective_mode == "adapter" else {}
+    if prompt_template:
+        log_kwargs["prompt_template"] = prompt_template
+    return mlflow.transformers.log_model(
+        transformers_model={"model": model, "tokenizer": tokenizer},
+        name=MODEL_ARTIFACT_NAME,
+        task="text-generation",
+        signature=model_signature(),
+        input_example=([DEFAULT_EXAMPLE_PROMPT], {"max_new_tokens": 16}),
+        model_card=ModelCard(card_text),
+        metadata={"model_sha256": model_sha256, "log_mode": effective_mode, "base_model_path": str(base_model_dir)},
+        pip_requirements=_pip_requirements(),
+        **log_kwargs,
+    )
