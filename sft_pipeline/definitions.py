@@ -1,12 +1,14 @@
-"""The Dagster code location: every asset, check, job, schedule, sensor and resource of the pipeline."""
+"""The Dagster code location: everything under `sft_pipeline/defs/`, loaded the `dg` way.
+
+`dagster ... -m sft_pipeline.definitions` and `workspace.yaml` point here; `dg check defs` and
+`dg list defs` read the same folder through `[tool.dg]` in pyproject.toml.
+"""
+
+from pathlib import Path
 
 import dagster as dg
 
-from sft_pipeline.assets import augmentation, curation, datasets, evaluation, models, registry, training
-from sft_pipeline.jobs import JOBS, SCHEDULES, SENSORS
-from sft_pipeline.resources import MlflowTracking, PipelineStorage, RawDataFolder
-
-STAGE_MODULES = [curation, augmentation, models, datasets, training, evaluation, registry]
+from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage, RawDataFolder, pipeline_resources
 
 
 def build_definitions(
@@ -15,17 +17,16 @@ def build_definitions(
     raw_data: RawDataFolder | None = None,
 ) -> dg.Definitions:
     """The pipeline's Definitions; tests pass their own storage, tracking and raw-data resources."""
+    loaded = dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
+    if storage is None and mlflow_tracking is None and raw_data is None:
+        return loaded
     return dg.Definitions(
-        assets=dg.load_assets_from_modules(STAGE_MODULES),
-        asset_checks=dg.load_asset_checks_from_modules(STAGE_MODULES),
-        jobs=JOBS,
-        schedules=SCHEDULES,
-        sensors=SENSORS,
-        resources={
-            "storage": storage or PipelineStorage(),
-            "mlflow_tracking": mlflow_tracking or MlflowTracking(),
-            "raw_data": raw_data or RawDataFolder(),
-        },
+        assets=loaded.assets,
+        asset_checks=loaded.asset_checks,
+        jobs=loaded.jobs,
+        schedules=loaded.schedules,
+        sensors=loaded.sensors,
+        resources={**(loaded.resources or {}), **pipeline_resources(storage, mlflow_tracking, raw_data)},
     )
 
 

