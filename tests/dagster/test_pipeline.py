@@ -11,7 +11,21 @@ import pytest
 from sft_pipeline.definitions import build_definitions
 from sft_pipeline.defs.instructions import RawInstructionsConfig, SourceConfig, raw_instructions
 from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
-from sft_pipeline.outputs import ROWS_FILE, RawInstructionsInfo
+from sft_pipeline.model_resolution import BaseModelInfo
+from sft_pipeline.outputs import (
+    ROWS_FILE,
+    BaseModelEvaluationInfo,
+    CleanInstructionsInfo,
+    MmluBenchmarkInfo,
+    ModelEvaluationInfo,
+    OutputInfo,
+    RawInstructionsInfo,
+    RejectedInstructionsInfo,
+    SyntheticInstructionsInfo,
+)
+from sft_pipeline.registry.register import RegistrationInfo
+from sft_pipeline.tokenization import SftDatasetInfo
+from sft_pipeline.training import TrainingResult
 
 
 @pytest.fixture
@@ -105,9 +119,22 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
 
     predictions = pd.read_parquet(Path(materialized["model_evaluation"]["path"].path) / "predictions.parquet")
     # Every asset's hand-off loads outside a run, the way a notebook user would load it.
-    for key in materialized:
+    expected_types = {
+        "raw_instructions": RawInstructionsInfo, "clean_instructions": CleanInstructionsInfo,
+        "rejected_instructions": RejectedInstructionsInfo, "synthetic_instructions": SyntheticInstructionsInfo,
+        "mmlu_benchmark": MmluBenchmarkInfo, "base_model": BaseModelInfo, "sft_dataset": SftDatasetInfo,
+        "fine_tuned_model": TrainingResult, "base_model_evaluation": BaseModelEvaluationInfo,
+        "model_evaluation": ModelEvaluationInfo, "registered_model": RegistrationInfo,
+    }
+    for key, cls in expected_types.items():
         value = defs.load_asset_value(key, instance=instance)
-        assert value is not None and hasattr(value, "path"), key
+        assert isinstance(value, cls), key
+        if isinstance(value, OutputInfo):
+            value.verify()
+    clean_loaded = defs.load_asset_value("clean_instructions", instance=instance)
+    assert clean_loaded.rows == clean_rows == len(pd.read_parquet(clean_loaded.file(ROWS_FILE)))
+    assert defs.load_asset_value("fine_tuned_model", instance=instance).weights_hash
+    assert defs.load_asset_value("registered_model", instance=instance).version == 1
     assert len(predictions) == 8 and set(predictions["predicted"]) <= set("ABCD")
     assert 0.0 <= materialized["model_evaluation"]["mmlu_accuracy"].value <= 1.0
 
