@@ -1,4 +1,4 @@
-"""Resume: a training process killed mid-run continues from its last checkpoint; the asset through Pipes."""
+"""Resume: a training process killed mid-run continues from its last checkpoint; the output folder is guarded."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ import json
 import math
 import os
 import re
-import signal
 import shutil
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -21,16 +21,10 @@ from sft_pipeline.training import (
     launch_command,
     train,
     training_fingerprint,
-    weights_content_hash,
 )
-from tests.test_training import REPO, write_tiny_sft_dataset
+from tests.unit.training.helpers import REPO
 
 STEP_LINE = re.compile(r"step (\d+)/(\d+) .*train_loss=")
-
-
-@pytest.fixture(scope="module")
-def data_dir(tiny_model_dir, tmp_path_factory):
-    return write_tiny_sft_dataset(tiny_model_dir, tmp_path_factory.mktemp("resume_data"), n_train=16, n_val=0, n_test=0)
 
 
 def _env() -> dict:
@@ -120,76 +114,3 @@ def test_resume_continues_the_mlflow_run_and_guards_the_folder(tiny_model_dir, d
     fresh = train(TrainingConfig(**{**other.to_dict(), "resume": False, "max_steps": 2, "save_steps": 2}))
     assert fresh.resumed_from_checkpoint is None and fresh.global_step == 2 and not fresh.reused
     assert fresh.mlflow_run_id != first.mlflow_run_id
-
-
-@pytest.mark.slow
-def test_asset_trains_through_pipes_and_rematerialization_reuses(tiny_model_dir, data_dir, tmp_path):
-    import dagster as dg
-
-    from sft_pipeline.assets.training import fine_tuned_model
-    from sft_pipeline.resources import MlflowTracking, PipelineStorage
-
-    storage = PipelineStorage(root=str(tmp_path / "artifacts"))
-    storage.write_manifest("base_model", {"path": str(tiny_model_dir)})
-    storage.write_manifest("sft_dataset", {"path": str(data_dir)})
-    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
-    instance = dg.DagsterInstance.ephemeral()
-    run_config = {"ops": {"fine_tuned_model": {"config": {"max_steps": 3, "save_steps": 2, "learning_rate": 1e-3}}}}
-
-    def materialize():
-        result = dg.materialize([fine_tuned_model], resources={"storage": storage, "mlflow_tracking": tracking},
-                                run_config=run_config, instance=instance)
-        assert result.success
-        (event,) = result.get_asset_materialization_events()
-        return result, event.materialization
-
-    result, mat = materialize()
-    meta = mat.metadata
-    weights = Path(meta["path"].path)
-    assert (weights / "adapter_model.safetensors").is_file()
-    assert mat.tags["dagster/data_version"] == weights_content_hash(weights)
-    assert meta["steps"].value == 3 and math.isfinite(meta["train_loss"].value)
-    assert 0 < meta["trainable_share"].value < 1 and meta["tokens_seen"].value > 0
-    assert meta["tokens_per_second"].value > 0 and meta["wall_time_s"].value > 0 and meta["peak_memory_mib"].value > 0
-    assert meta["loss_curve"].value.startswith("![plot](data:image/png;base64,")
-    assert meta["reused_finished_run"].value is False
-    # the output folder is keyed by the training fingerprint, not by the Dagster run
-    assert Path(meta["output_dir"].path).name == meta["training_fingerprint"].value
-    # the child's step lines reached the Dagster run through Pipes
-    messages = [e.user_message for e in instance.all_logs(result.run_id)]
-    assert any("step 3/3" in m and "train_loss=" in m for m in messages)
-    from mlflow import MlflowClient
-
-    run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(meta["mlflow_run_id"].value)
-    assert run.data.tags["dagster_run_id"] == result.run_id and run.data.tags["dagster_code_version"]
-    assert storage.read_manifest("fine_tuned_model")["adapter_dir"] == str(weights)
-
-    second, mat2 = materialize()
-    assert second.run_id != result.run_id
-    assert mat2.metadata["reused_finished_run"].value is True
-    assert mat2.tags["dagster/data_version"] == mat.tags["dagster/data_version"]
-    assert mat2.metadata["path"].path == str(weights)
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU error")
-def test_asset_surfaces_the_training_processs_error(tiny_model_dir, data_dir, tmp_path):
-    """QLoRA on a CPU: the step fails with the child's one-line reason, not just 'exit code 1'."""
-    import dagster as dg
-
-    from sft_pipeline.assets.training import fine_tuned_model
-    from sft_pipeline.resources import MlflowTracking, PipelineStorage
-
-    storage = PipelineStorage(root=str(tmp_path / "artifacts"))
-    storage.write_manifest("base_model", {"path": str(tiny_model_dir)})
-    storage.write_manifest("sft_dataset", {"path": str(data_dir)})
-    result = dg.materialize(
-        [fine_tuned_model],
-        resources={"storage": storage, "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")},
-        run_config={"ops": {"fine_tuned_model": {"config": {"method": "qlora", "max_steps": 2}}}},
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
-    )
-    assert not result.success
-    (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
-    text = failure.step_failure_data.error.to_string()
-    assert "training failed: RuntimeError: TrainingConfig.method: 'qlora'" in text and "CUDA GPU" in text

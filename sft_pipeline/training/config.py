@@ -1,0 +1,283 @@
+"""TrainingConfig: every setting of one training run, each field with its help (TRL-style), and its validation."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SUPPORTED_METHODS = ("lora", "qlora", "full", "freeze")
+# Named so a user asking for it gets "not yet" rather than "unknown".
+PLANNED_METHODS = ("8bit",)
+BATCHING_MODES = ("auto", "padded", "padding_free", "packed")
+LAUNCHERS = ("accelerate", "python")
+# transformers' SchedulerType values (the ones that need no extra kwargs); listed here rather
+# than imported so building a config does not import torch (seconds) in the Dagster process.
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt")
+
+
+@dataclass
+class TrainingConfig:
+    """Everything one training run needs; JSON-serializable so the CLI and Dagster share it."""
+
+    model_dir: str = field(metadata={"help": "Local Hugging Face folder of the base model and tokenizer."})
+    dataset_dir: str = field(
+        metadata={"help": "Folder holding train.parquet (and validation.parquet) from the tokenization stage."}
+    )
+    output_dir: str = field(
+        metadata={"help": "Where checkpoints, the adapter/model and training_record.json are written."}
+    )
+    method: str = field(
+        default="lora",
+        metadata={"help": "Fine-tuning method: 'lora' (adapter on a frozen base), 'qlora' (adapter on a 4-bit NF4 "
+                          "base; CUDA only), 'full' (all weights) or 'freeze' (only the last `freeze_trainable_layers` "
+                          "blocks)."},
+    )
+    max_steps: int = field(
+        default=20, metadata={"help": "Optimizer steps to run; <= 0 means train for `num_train_epochs` instead."}
+    )
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs to run when `max_steps` <= 0."})
+    learning_rate: float = field(
+        default=2e-4, metadata={"help": "Peak AdamW learning rate (1e-4..3e-4 for LoRA, ~2e-5 for full)."}
+    )
+    lr_scheduler_type: str = field(
+        default="cosine", metadata={"help": "transformers scheduler name: cosine, linear, constant, ..."}
+    )
+    warmup_ratio: float = field(default=0.05, metadata={"help": "Fraction of steps for linear warmup, in [0, 1)."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    per_device_train_batch_size: int = field(default=4, metadata={"help": "Sequences per device per micro-batch."})
+    gradient_accumulation_steps: int = field(
+        default=1, metadata={"help": "Micro-batches accumulated per optimizer step."}
+    )
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm; 0 disables clipping."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank (lora and qlora)."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA scaling alpha (effective scale alpha / r)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA branch."})
+    lora_target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata={"help": "Modules to adapt: 'all-linear' or a list of module names (e.g. ['q_proj', 'v_proj'])."},
+    )
+    freeze_trainable_layers: int = field(
+        default=2,
+        metadata={"help": "method 'freeze': how many of the last transformer blocks to train (plus the final norm); "
+                          "everything else, embeddings included, stays frozen."},
+    )
+    batching: str = field(
+        default="auto",
+        metadata={"help": "'padded' (pad each micro-batch to its longest row), 'padding_free' (concatenate the rows "
+                          "of a micro-batch with position_ids, no pad tokens), 'packed' (best-fit-decreasing packing "
+                          "into rows of `packing_length` tokens, padding-free) or 'auto' (padding_free where the "
+                          "FlashAttention varlen kernel is available, i.e. CUDA with flash-attn installed; else padded)."},
+    )
+    packing_length: int = field(
+        default=2048, metadata={"help": "batching 'packed': tokens per packed row (longer rows are truncated)."}
+    )
+    attn_implementation: str | None = field(
+        default=None,
+        metadata={"help": "Attention kernel passed to from_pretrained ('sdpa', 'eager', 'flash_attention_2', ...); "
+                          "None = flash_attention_2 on CUDA when flash-attn is installed and batching is not 'padded', "
+                          "else sdpa."},
+    )
+    use_liger_kernel: bool = field(
+        default=False, metadata={"help": "Patch the model with Liger Triton kernels (CUDA and liger-kernel needed)."}
+    )
+    eval_steps: int = field(
+        default=10, metadata={"help": "Evaluate on the validation split every this many steps (if it has rows)."}
+    )
+    save_steps: int | None = field(
+        default=None,
+        metadata={"help": "Write a resumable checkpoint every this many steps (and at the last step); None = every "
+                          "eval_steps. With a validation split and load_best_model_at_end it must be a multiple of "
+                          "eval_steps."},
+    )
+    save_total_limit: int = field(
+        default=2, metadata={"help": "Checkpoints kept on disk (the best one is never deleted); 0 keeps all."}
+    )
+    load_best_model_at_end: bool = field(
+        default=True,
+        metadata={"help": "With a validation split, finish with the checkpoint of lowest validation loss instead of "
+                          "the last weights."},
+    )
+    early_stopping_patience: int = field(
+        default=3,
+        metadata={"help": "Stop after this many evaluations without a validation-loss improvement; 0 disables. "
+                          "Needs a validation split and load_best_model_at_end."},
+    )
+    early_stopping_threshold: float = field(
+        default=0.0, metadata={"help": "Minimum validation-loss decrease that counts as an improvement."}
+    )
+    resume: bool = field(
+        default=True,
+        metadata={"help": "Resume from the last complete checkpoint in output_dir (or reuse a finished run) when it "
+                          "was made with the same configuration, data and base model; false starts over."},
+    )
+    logging_steps: int = field(default=1, metadata={"help": "Log train loss and learning rate every this many steps."})
+    seed: int = field(default=42, metadata={"help": "Seed for model init of adapters, data order and dropout."})
+    gradient_checkpointing: bool = field(
+        default=False, metadata={"help": "Recompute activations in backward to save memory (slower)."}
+    )
+    bf16: bool | None = field(
+        default=None, metadata={"help": "bf16 mixed precision; None = on for bf16-capable CUDA, off (fp32) on CPU."}
+    )
+    launcher: str = field(
+        default="accelerate",
+        metadata={"help": "How launch_command starts the training process: 'accelerate' (accelerate launch) or "
+                          "'python' (plain python -m)."},
+    )
+    num_processes: int = field(
+        default=1, metadata={"help": "Processes (GPUs) accelerate launch starts; > 1 needs as many CUDA GPUs."}
+    )
+    peak_tflops: float | None = field(
+        default=None,
+        metadata={"help": "Peak dense bf16 TFLOP/s of one GPU for MFU; None = looked up from the device name."},
+    )
+    mlflow_tracking_uri: str | None = field(
+        default=None, metadata={"help": "MLflow tracking URI (e.g. sqlite:////abs/mlflow.db); None = no tracking."}
+    )
+    mlflow_experiment: str = field(default="sft_pipeline", metadata={"help": "MLflow experiment name."})
+    mlflow_run_name: str | None = field(default=None, metadata={"help": "MLflow run name; None lets MLflow pick."})
+    mlflow_tags: dict[str, str] = field(
+        default_factory=dict, metadata={"help": "Tags set on the MLflow run (e.g. dagster_run_id)."}
+    )
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError naming the offending field; paths are checked later, in `train`."""
+
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"TrainingConfig.{name}: {why} (got {getattr(self, name)!r})")
+
+        for name in ("model_dir", "dataset_dir", "output_dir"):
+            if not isinstance(getattr(self, name), (str, Path)) or not str(getattr(self, name)).strip():
+                raise bad(name, "must be a non-empty path")
+            setattr(self, name, str(getattr(self, name)))
+        if self.method in PLANNED_METHODS:
+            raise bad("method", f"'{self.method}' is not implemented yet; use one of {list(SUPPORTED_METHODS)}")
+        if self.method not in SUPPORTED_METHODS:
+            raise bad("method", f"must be one of {list(SUPPORTED_METHODS)}")
+        ints_pos = ("per_device_train_batch_size", "gradient_accumulation_steps", "lora_r", "eval_steps",
+                    "logging_steps", "freeze_trainable_layers", "packing_length", "num_processes")
+        for name in ints_pos:
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise bad(name, "must be an integer >= 1")
+        if self.save_steps is not None and (
+            isinstance(self.save_steps, bool) or not isinstance(self.save_steps, int) or self.save_steps < 1
+        ):
+            raise bad("save_steps", "must be an integer >= 1 or null")
+        for name in ("max_steps", "seed", "lora_alpha", "save_total_limit", "early_stopping_patience"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise bad(name, "must be an integer")
+        if self.lora_alpha <= 0:
+            raise bad("lora_alpha", "must be > 0")
+        for name in ("save_total_limit", "early_stopping_patience"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+        for name in ("num_train_epochs", "learning_rate", "warmup_ratio", "weight_decay", "max_grad_norm",
+                     "lora_dropout", "early_stopping_threshold"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise bad(name, "must be a finite number")
+        if self.max_steps <= 0 and self.num_train_epochs <= 0:
+            raise bad("num_train_epochs", "must be > 0 when max_steps <= 0")
+        if self.learning_rate <= 0:
+            raise bad("learning_rate", "must be > 0")
+        if not 0 <= self.warmup_ratio < 1:
+            raise bad("warmup_ratio", "must be in [0, 1)")
+        if self.weight_decay < 0:
+            raise bad("weight_decay", "must be >= 0")
+        if self.max_grad_norm < 0:
+            raise bad("max_grad_norm", "must be >= 0")
+        if not 0 <= self.lora_dropout < 1:
+            raise bad("lora_dropout", "must be in [0, 1)")
+        if self.early_stopping_threshold < 0:
+            raise bad("early_stopping_threshold", "must be >= 0")
+        t = self.lora_target_modules
+        if not (isinstance(t, str) and t) and not (
+            isinstance(t, (list, tuple)) and t and all(isinstance(m, str) and m for m in t)
+        ):
+            raise bad("lora_target_modules", "must be 'all-linear' or a non-empty list of module names")
+        if isinstance(t, tuple):
+            self.lora_target_modules = list(t)
+        if self.lr_scheduler_type not in LR_SCHEDULERS:
+            raise bad("lr_scheduler_type", f"must be one of {list(LR_SCHEDULERS)}")
+        if self.batching not in BATCHING_MODES:
+            raise bad("batching", f"must be one of {list(BATCHING_MODES)}")
+        if self.launcher not in LAUNCHERS:
+            raise bad("launcher", f"must be one of {list(LAUNCHERS)}")
+        if self.launcher == "python" and self.num_processes != 1:
+            raise bad("num_processes", "must be 1 with launcher 'python'; use launcher 'accelerate' for several")
+        if self.attn_implementation is not None and not (
+            isinstance(self.attn_implementation, str) and self.attn_implementation.strip()
+        ):
+            raise bad("attn_implementation", "must be a kernel name or null")
+        if self.bf16 is not None and not isinstance(self.bf16, bool):
+            raise bad("bf16", "must be true, false or null")
+        for name in ("gradient_checkpointing", "load_best_model_at_end", "resume", "use_liger_kernel"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        if self.early_stopping_patience and not self.load_best_model_at_end:
+            raise bad("early_stopping_patience", "needs load_best_model_at_end=true (or set it to 0)")
+        if self.peak_tflops is not None and (
+            isinstance(self.peak_tflops, bool) or not isinstance(self.peak_tflops, (int, float))
+            or not self.peak_tflops > 0
+        ):
+            raise bad("peak_tflops", "must be a positive number or null")
+        if self.mlflow_tracking_uri is not None and not (
+            isinstance(self.mlflow_tracking_uri, str) and self.mlflow_tracking_uri.strip()
+        ):
+            raise bad("mlflow_tracking_uri", "must be a non-empty URI or null")
+        if not isinstance(self.mlflow_experiment, str) or not self.mlflow_experiment.strip():
+            raise bad("mlflow_experiment", "must be a non-empty string")
+        if not isinstance(self.mlflow_tags, dict):
+            raise bad("mlflow_tags", "must be a mapping of tag name to value")
+        self.mlflow_tags = {str(k): str(v) for k, v in self.mlflow_tags.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainingConfig:
+        """Build from a mapping; unknown keys are an error (a typo should not be silently ignored)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"TrainingConfig: unknown field(s) {unknown}; known fields: {sorted(known)}")
+        missing = [n for n in ("model_dir", "dataset_dir", "output_dir") if n not in data]
+        if missing:
+            raise ValueError(f"TrainingConfig.{missing[0]}: required field is missing")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainingConfig:
+        """Read a JSON object of field values."""
+        data = json.loads(Path(path).read_text())
+        if not isinstance(data, dict):
+            raise ValueError(f"TrainingConfig: {path} must hold a JSON object")
+        return cls.from_dict(data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def help(cls) -> dict[str, str]:
+        """Field name -> help text (for CLI and Dagster config descriptions)."""
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def markdown_table(cls) -> str:
+        """Every field with its default and help, as a Markdown table (docs/training.md embeds it)."""
+        rows = ["| field | default | meaning |", "|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if f.default is not dataclasses.MISSING:
+                default = f"`{json.dumps(f.default)}`"
+            elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+                default = f"`{json.dumps(f.default_factory())}`"  # type: ignore[misc]
+            else:
+                default = "required"
+            rows.append(f"| `{f.name}` | {default} | {f.metadata.get('help', '')} |")
+        return "\n".join(rows)

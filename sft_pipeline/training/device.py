@@ -1,0 +1,83 @@
+"""What this machine can run: device checks, bf16, the batching mode and the attention kernel."""
+
+from __future__ import annotations
+
+from sft_pipeline.training.config import TrainingConfig
+
+
+def resolve_bf16(cfg: TrainingConfig) -> bool:
+    import torch
+
+    capable = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if cfg.bf16 is None:
+        return capable
+    if cfg.bf16 and not capable:
+        raise ValueError("TrainingConfig.bf16: true needs a bf16-capable CUDA GPU; use null for auto")
+    return cfg.bf16
+
+
+def check_device_support(cfg: TrainingConfig) -> None:
+    """Fail early, naming the field, for settings this machine cannot run (QLoRA, Liger, several GPUs on CPU)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if cfg.method == "qlora":
+        if not cuda:
+            raise RuntimeError(
+                "TrainingConfig.method: 'qlora' loads the base model in 4-bit NF4 through bitsandbytes, which needs "
+                "a CUDA GPU, and none is visible here (torch.cuda.is_available() is False). Use method='lora' "
+                "(same adapter, unquantized base) on this machine.")
+        if not torch.cuda.is_bf16_supported():
+            raise RuntimeError("TrainingConfig.method: 'qlora' computes in bf16 and needs a bf16-capable GPU "
+                               "(Ampere or newer); use method='lora' here.")
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("TrainingConfig.method: 'qlora' needs the bitsandbytes package") from exc
+    if cfg.use_liger_kernel:
+        if not cuda:
+            raise RuntimeError("TrainingConfig.use_liger_kernel: Liger kernels are Triton GPU kernels; this machine "
+                               "has no CUDA GPU. Set use_liger_kernel=false.")
+        try:
+            import liger_kernel  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("TrainingConfig.use_liger_kernel: pip install liger-kernel first") from exc
+    if cfg.num_processes > 1 and (not cuda or torch.cuda.device_count() < cfg.num_processes):
+        have = torch.cuda.device_count() if cuda else 0
+        raise RuntimeError(f"TrainingConfig.num_processes: {cfg.num_processes} processes need as many CUDA GPUs; "
+                           f"this machine has {have}.")
+    if cfg.attn_implementation and cfg.attn_implementation.startswith("flash_attention") and not cuda:
+        raise RuntimeError(f"TrainingConfig.attn_implementation: {cfg.attn_implementation!r} needs a CUDA GPU; "
+                           "use 'sdpa' (or null) on CPU.")
+
+
+def _flash_attn_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("flash_attn") is not None
+
+
+def resolve_batching(cfg: TrainingConfig) -> str:
+    """'auto' -> padding_free on the FlashAttention varlen path, else padded.
+
+    Without a varlen kernel (CPU, or no flash-attn), SDPA takes a padding-free batch through a
+    dense block-diagonal mask over the whole concatenated micro-batch: correct, but attention then
+    costs (sum of lengths)^2 instead of sum(length^2), which bench/training.py shows is slower on CPU.
+    """
+    if cfg.batching != "auto":
+        return cfg.batching
+    attn = cfg.attn_implementation
+    varlen = attn.startswith("flash_attention") if attn else _flash_attn_available()
+    return "padding_free" if varlen else "padded"
+
+
+def resolve_attn_implementation(cfg: TrainingConfig) -> str:
+    """The attention kernel: the configured one, else FlashAttention-2 (varlen) on CUDA when installed and the
+    batches are padding-free, else PyTorch SDPA (which takes padding-free batches through a block-diagonal mask)."""
+    if cfg.attn_implementation:
+        return cfg.attn_implementation
+    if resolve_batching(cfg) != "padded" and _flash_attn_available():
+        return "flash_attention_2"
+    return "sdpa"
