@@ -135,8 +135,12 @@ def publish(staged: Path, final: Path, digest: str, files: list[str]) -> Path:
 
 
 def content_digest(folder: Path, files: list[str]) -> str:
-    """Digest of the named files of an output folder (names and bytes)."""
-    return hashing.files_digest([folder / name for name in files], root=folder)
+    """Digest of the named files of an output folder: Parquet files by their rows (`parquet_digest`, so
+    writer metadata that varies between runs does not change the identity), other files by their bytes."""
+    return hashing.combine_digests({
+        name: hashing.parquet_digest(folder / name) if name.endswith(".parquet") else hashing.file_digest(folder / name)
+        for name in sorted(files)
+    })
 
 
 def folder_matches(folder: Path, digest: str, files: list[str]) -> bool:

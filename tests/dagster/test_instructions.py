@@ -1,4 +1,4 @@
-"""Curation assets and their blocking checks, materialized with Dagster (moved from tests/test_quality.py)."""
+"""The ingestion and curation assets and their blocking checks, materialized with Dagster."""
 
 import json
 
@@ -7,28 +7,32 @@ import pandas as pd
 import pytest
 
 from sft_pipeline.curation.expectations import suite_path
+from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
+from sft_pipeline.outputs import QUESTIONS_FILE, ROWS_FILE, MmluBenchmarkInfo, write_output_folder
+from tests.dagster.conftest import materialize_with_stubs
 
 
 @pytest.fixture
 def curation_defs(tmp_path):
-    from sft_pipeline.assets import curation as stage
-    from sft_pipeline.resources import PipelineStorage
-
     storage = PipelineStorage(root=str(tmp_path / "artifacts"))
     questions = pd.DataFrame([{
         "question_id": "mmlu-1", "subject": "astronomy", "category": "STEM",
         "question": "Which planet in the solar system has the largest number of confirmed moons orbiting around it today",
         "choices": ["Mars", "Saturn", "Venus", "Earth"], "answer": 1,
     }])
-    questions.to_parquet(storage.asset_dir("mmlu_benchmark") / "questions.parquet")
-    return stage, storage
+
+    def write(folder):
+        questions.to_parquet(folder / QUESTIONS_FILE)
+        return [QUESTIONS_FILE]
+
+    folder, digest = write_output_folder(storage.asset_dir("mmlu_benchmark"), write)
+    benchmark = MmluBenchmarkInfo(path=str(folder), digest=digest, files=(QUESTIONS_FILE,), questions=1)
+    return {"mmlu_benchmark": benchmark}, storage
 
 
-def _materialize(stage, storage, run_config):
-    assets = [stage.raw_instructions, stage.curated_instructions]
-    checks = [stage.raw_instructions_match_expectations, stage.raw_records_readable,
-              stage.clean_instructions_match_expectations, stage.every_record_accounted_for]
-    return dg.materialize(assets + checks, resources={"storage": storage}, run_config=run_config, raise_on_error=False)
+def _materialize(stubs, storage, run_config):
+    tracking = MlflowTracking(tracking_uri=f"sqlite:///{storage.root}/mlflow.db")
+    return materialize_with_stubs(["raw_instructions", "clean_instructions", "rejected_instructions"], stubs, storage, tracking, run_config)
 
 
 def test_assets_report_data_versions_metadata_and_pass_their_checks(curation_defs, tmp_path):
@@ -41,13 +45,14 @@ def test_assets_report_data_versions_metadata_and_pass_their_checks(curation_def
     result = _materialize(stage, storage, run_config)
     assert result.success
     events = {e.asset_key.to_user_string(): e.materialization for e in result.get_asset_materialization_events()}
-    assert set(events) == {"raw_instructions", "clean_instructions", "rejected_instructions"}
+    assert set(events) == {"raw_instructions", "clean_instructions", "rejected_instructions", "mmlu_benchmark"}
+    del events["mmlu_benchmark"]
     for key, materialization in events.items():
         assert "path" in materialization.metadata, key
         assert materialization.tags.get("dagster/data_version"), key
     clean, rejected = events["clean_instructions"].metadata, events["rejected_instructions"].metadata
     assert clean["records_in"].value == clean["dagster/row_count"].value + rejected["dagster/row_count"].value
-    rejected_rows = pd.read_parquet(rejected["path"].path)
+    rejected_rows = pd.read_parquet(f'{rejected["path"].path}/{ROWS_FILE}')
     assert set(rejected_rows["reason"]) >= {"malformed_json", "benchmark_contamination"}
     assert "mmlu-1" in rejected_rows.loc[rejected_rows["reason"] == "benchmark_contamination", "detail"].iloc[0]
     for name in ("category_balance", "conversation_tokens", "conversation_chars", "kept_per_source"):
@@ -57,7 +62,8 @@ def test_assets_report_data_versions_metadata_and_pass_their_checks(curation_def
     assert all(e.passed for e in result.get_asset_check_evaluations())
     # Same input, same data versions.
     again = _materialize(stage, storage, run_config)
-    versions = {e.asset_key.to_user_string(): e.materialization.tags["dagster/data_version"] for e in again.get_asset_materialization_events()}
+    versions = {e.asset_key.to_user_string(): e.materialization.tags["dagster/data_version"] for e in again.get_asset_materialization_events()
+                if e.asset_key.to_user_string() != "mmlu_benchmark"}
     assert versions == {k: m.tags["dagster/data_version"] for k, m in events.items()}
 
 

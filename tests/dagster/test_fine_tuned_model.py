@@ -1,7 +1,4 @@
-"""fine_tuned_model through Dagster Pipes: trains, reuses a finished run, surfaces the child's error.
-
-Pending placement by the lead (moved out of tests/test_training_resume.py unchanged except imports).
-"""
+"""fine_tuned_model through Dagster Pipes: trains, reuses a finished run, surfaces the child's error."""
 
 from __future__ import annotations
 
@@ -10,8 +7,17 @@ from pathlib import Path
 
 import pytest
 
+from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
 from sft_pipeline.hashing import model_digest
+from sft_pipeline.tokenization import SftDatasetInfo
+from tests.dagster.conftest import base_model_info, materialize_with_stubs
 from tests.unit.training.helpers import write_tiny_sft_dataset
+
+
+def _stubs(tiny_model_dir, data_dir):
+    dataset = SftDatasetInfo(path=str(data_dir), splits={}, files={}, num_tokens=0, trainable_tokens=0, truncated=0, dropped=0,
+                             max_length=0, template_name="tokenizer", content_hash="tiny-data")
+    return {"base_model": base_model_info(tiny_model_dir), "sft_dataset": dataset}
 
 
 @pytest.fixture(scope="module")
@@ -23,22 +29,16 @@ def data_dir(tiny_model_dir, tmp_path_factory):
 def test_asset_trains_through_pipes_and_rematerialization_reuses(tiny_model_dir, data_dir, tmp_path):
     import dagster as dg
 
-    from sft_pipeline.assets.training import fine_tuned_model
-    from sft_pipeline.resources import MlflowTracking, PipelineStorage
-
     storage = PipelineStorage(root=str(tmp_path / "artifacts"))
-    storage.write_manifest("base_model", {"path": str(tiny_model_dir)})
-    storage.write_manifest("sft_dataset", {"path": str(data_dir)})
     tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     instance = dg.DagsterInstance.ephemeral()
     run_config = {"ops": {"fine_tuned_model": {"config": {"max_steps": 3, "save_steps": 2, "learning_rate": 1e-3}}}}
 
     def materialize():
-        result = dg.materialize([fine_tuned_model], resources={"storage": storage, "mlflow_tracking": tracking},
-                                run_config=run_config, instance=instance)
+        result = materialize_with_stubs(["fine_tuned_model"], _stubs(tiny_model_dir, data_dir), storage, tracking, run_config,
+                                        instance, raise_on_error=True)
         assert result.success
-        (event,) = result.get_asset_materialization_events()
-        return result, event.materialization
+        return result, result.asset_materializations_for_node("fine_tuned_model")[0]
 
     result, mat = materialize()
     meta = mat.metadata
@@ -59,7 +59,7 @@ def test_asset_trains_through_pipes_and_rematerialization_reuses(tiny_model_dir,
 
     run = MlflowClient(tracking_uri=tracking.tracking_uri).get_run(meta["mlflow_run_id"].value)
     assert run.data.tags["dagster_run_id"] == result.run_id and run.data.tags["dagster_code_version"]
-    assert storage.read_manifest("fine_tuned_model")["adapter_dir"] == str(weights)
+    assert result.output_for_node("fine_tuned_model").adapter_dir == str(weights)
 
     second, mat2 = materialize()
     assert second.run_id != result.run_id
@@ -74,17 +74,10 @@ def test_asset_surfaces_the_training_processs_error(tiny_model_dir, data_dir, tm
     """QLoRA on a CPU: the step fails with the child's one-line reason, not just 'exit code 1'."""
     import dagster as dg
 
-    from sft_pipeline.assets.training import fine_tuned_model
-    from sft_pipeline.resources import MlflowTracking, PipelineStorage
-
     storage = PipelineStorage(root=str(tmp_path / "artifacts"))
-    storage.write_manifest("base_model", {"path": str(tiny_model_dir)})
-    storage.write_manifest("sft_dataset", {"path": str(data_dir)})
-    result = dg.materialize(
-        [fine_tuned_model],
-        resources={"storage": storage, "mlflow_tracking": MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}")},
-        run_config={"ops": {"fine_tuned_model": {"config": {"method": "qlora", "max_steps": 2}}}},
-        instance=dg.DagsterInstance.ephemeral(), raise_on_error=False,
+    result = materialize_with_stubs(
+        ["fine_tuned_model"], _stubs(tiny_model_dir, data_dir), storage, MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'm.db'}"),
+        {"ops": {"fine_tuned_model": {"config": {"method": "qlora", "max_steps": 2}}}},
     )
     assert not result.success
     (failure,) = [e for e in result.all_events if e.event_type_value == "STEP_FAILURE"]

@@ -1,14 +1,9 @@
-"""The blocking round-trip checks on sft_dataset: they pass on good data and catch each silent mis-training."""
+"""The round-trip checks (tokenization.verify): they pass on good data and catch each silent mis-training."""
 
-import json
-
-import dagster as dg
 import pandas as pd
 import pytest
 
-from sft_pipeline.definitions import build_definitions
-from sft_pipeline.resources import MlflowTracking, PipelineStorage
-from sft_pipeline.schema import make_row, write_rows
+from sft_pipeline.schema import make_row
 from sft_pipeline.tokenization import (
     CHECK_NAMES,
     IGNORE_INDEX,
@@ -137,71 +132,3 @@ def test_checks_pass_with_pad_equal_eos_and_a_bos_tokenizer(tiny_model_dir, tmp_
     outcomes = verify_sft_dataset(info, tmp_path / "tok", rows)
     assert failed(outcomes) == set()
     assert outcomes["eos_never_masked"].extra["pad_equals_eos"] is True
-
-
-# --- in Dagster: the checks block training -------------------------------------------------------
-
-
-@pytest.fixture
-def staged(tmp_path, tiny_model_dir):
-    """Storage holding what sft_dataset reads: clean + synthetic rows and a base_model manifest."""
-    storage = PipelineStorage(root=str(tmp_path / "artifacts"))
-    rows = conversations(40)
-    write_rows(rows, storage.asset_dir("clean_instructions") / "rows.parquet")
-    write_rows(rows.iloc[:0], storage.asset_dir("synthetic_instructions") / "rows.parquet")
-    storage.write_manifest("base_model", {"path": str(tiny_model_dir)})
-    tracking = MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registered_model_name="tiny_sft")
-    return storage, tracking
-
-
-def run_slice(storage, tracking, keys, sft_config, instance=None):
-    defs = build_definitions(storage, tracking)
-    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(k) for k in keys})
-    run_config = {"ops": {"sft_dataset": {"config": sft_config}}}
-    if "fine_tuned_model" in keys:
-        run_config["ops"]["fine_tuned_model"] = {"config": {"max_steps": 1}}
-    return job.execute_in_process(run_config=run_config, instance=instance or dg.DagsterInstance.ephemeral(),
-                                  raise_on_error=False)
-
-
-def test_asset_reports_checks_and_reuses_unchanged_inputs(staged):
-    storage, tracking = staged
-    instance = dg.DagsterInstance.ephemeral()
-    first = run_slice(storage, tracking, ["sft_dataset"], {"max_length": 256}, instance)
-    assert first.success
-    evaluations = {e.check_name: e for e in first.get_asset_check_evaluations()}
-    assert set(evaluations) == set(CHECK_NAMES) and all(e.passed for e in evaluations.values())
-    meta = first.get_asset_materialization_events()[0].materialization.metadata
-    assert meta["reused"].value is False and meta["path"].path.endswith(meta["fingerprint"].value)
-    for key in ("trainable_token_share", "packing_efficiency", "truncated", "token_length_histogram", "template"):
-        assert key in meta, key
-    version = first.get_asset_materialization_events()[0].materialization.tags["dagster/data_version"]
-    assert version == meta["content_hash"].value
-
-    second = run_slice(storage, tracking, ["sft_dataset"], {"max_length": 256}, instance)
-    again = second.get_asset_materialization_events()[0].materialization
-    assert again.metadata["reused"].value is True
-    assert again.tags["dagster/data_version"] == version
-
-    third = run_slice(storage, tracking, ["sft_dataset"], {"max_length": 128}, instance)
-    other = third.get_asset_materialization_events()[0].materialization.metadata
-    assert other["reused"].value is False and other["fingerprint"].value != meta["fingerprint"].value
-    assert json.loads((storage.asset_dir("sft_dataset") / "manifest.json").read_text())["max_length"] == 128
-
-
-def test_failing_round_trip_blocks_training(staged, tmp_path):
-    storage, tracking = staged
-    # A template that rewrites the answer (upper case): the model would learn text that is not the data.
-    shouting = tmp_path / "shouting.jinja"
-    shouting.write_text(
-        "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' }}"
-        "{% if m['role'] == 'assistant' %}{{ m['content'] | upper }}{% else %}{{ m['content'] }}{% endif %}"
-        "{{ '<|im_end|>\n' }}{% endfor %}"
-    )
-    result = run_slice(storage, tracking, ["sft_dataset", "fine_tuned_model"], {"template": str(shouting)})
-    assert not result.success
-    evaluations = {e.check_name: e for e in result.get_asset_check_evaluations()}
-    assert evaluations["labels_round_trip"].passed is False
-    assert evaluations["every_example_trainable"].passed is True
-    materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
-    assert materialized == {"sft_dataset"}
