@@ -49,7 +49,7 @@ def resolve_model(name: str, cache_dir: Path) -> tuple[str, str]:
         return name, Path(name).name
     if name == "auto":
         try:
-            from sft_pipeline.base_model import default_base_model_source, resolve_base_model
+            from sft_pipeline.model_resolution import default_base_model_source, resolve_base_model
 
             info = resolve_base_model(default_base_model_source(), cache_dir / "base_model")
             return info.path, "SmolLM2-135M-Instruct"

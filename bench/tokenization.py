@@ -97,7 +97,7 @@ def make_rows(n: int, seed: int = 0):
 def tokenizer_dir(kind: str, work: Path) -> tuple[Path, str]:
     if kind in ("smollm2", "auto"):
         try:
-            from sft_pipeline.base_model import default_base_model_source
+            from sft_pipeline.model_resolution import default_base_model_source
 
             gguf = Path(default_base_model_source())
             from transformers import AutoTokenizer

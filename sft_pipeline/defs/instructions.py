@@ -15,7 +15,7 @@ from sft_pipeline.defs.metadata import (
 )
 from sft_pipeline.curation import CurationConfig, clean_instructions as clean_rows
 from sft_pipeline.ingest import DEFAULT_MAX_RECORD_CHARS, SourceSpec, default_sources, load_sources
-from sft_pipeline.quality import conversation_view, curation_summary, ingest_summary, suite_path, validate_frame
+from sft_pipeline.curation.expectations import conversation_view, curation_summary, ingest_summary, suite_path, validate_frame
 from sft_pipeline.defs.resources import PipelineStorage
 from sft_pipeline.outputs import (
     QUESTIONS_FILE,

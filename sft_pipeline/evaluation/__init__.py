@@ -13,8 +13,6 @@ folder), `mlflow_log` (one MLflow run per evaluation). Model loading and greedy 
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
 
 from sft_pipeline.evaluation.cache import (
     SCORING_VERSION,
@@ -65,21 +63,6 @@ from sft_pipeline.evaluation.answer_metrics import (
 from sft_pipeline.modeling import generate_responses, left_padded_batches, load_model_for_eval
 
 
-def file_digest(*paths: str | Path) -> str:
-    """16-hex sha256 over the bytes of files, concatenated in the given order (a data version for an
-    asset's output).
-
-    Kept only so `sft_pipeline.assets.support.file_data_version` gives the same data versions as
-    before; new code uses `sft_pipeline.hashing` (`file_digest`, `files_digest`, `combine_digests`).
-    """
-    digest = hashlib.sha256()
-    for path in paths:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
 __all__ = [
     "DEFAULT_SUBJECTS",
     "LETTERS",
@@ -96,7 +79,6 @@ __all__ = [
     "compare_task_metrics",
     "evaluate_generations",
     "exact_match",
-    "file_digest",
     "flatten_metrics",
     "format_mmlu_prompt",
     "format_mmlu_question",
