@@ -56,7 +56,8 @@ class LocalHFTeacher:
 
     def __init__(self, model_dir: str | Path, name: str | None = None, device: str | None = None, revision: str | None = None) -> None:
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from sft_pipeline.modeling import load_causal_lm, load_tokenizer
 
         self.model_dir = model_dir
         local = Path(str(model_dir)).exists()
@@ -66,13 +67,9 @@ class LocalHFTeacher:
         self.fingerprint = f"hf:{Path(str(model_dir)).resolve() if local else model_dir}@{revision or 'default'}"
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         kwargs = {"revision": revision} if revision else {}
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir, **kwargs)
         # Decoder-only generation needs left padding so every row's new tokens start at the same column.
-        self.tokenizer.padding_side = "left"
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs).to(self.device)
-        self.model.eval()
+        self.tokenizer = load_tokenizer(model_dir, padding_side="left", **kwargs)
+        self.model = load_causal_lm(model_dir, device=self.device, **kwargs)
 
     def generate(
         self, prompts: list[list[dict[str, str]]], max_new_tokens: int, temperature: float, top_p: float, seed: int

@@ -9,14 +9,12 @@ from typing import Any
 
 import pandas as pd
 
+from sft_pipeline.evaluation.answer_metrics import TASK_METRIC_KEYS, compare_task_metrics
 from sft_pipeline.evaluation.gate import gate_verdict
 from sft_pipeline.evaluation.heldout import evaluate_generations, generation_rows, heldout_loss, side_by_side_generations
 from sft_pipeline.evaluation.scoring import score_multiple_choice, summarize_accuracy
 from sft_pipeline.evaluation.statistics import compare_evaluations
-from sft_pipeline.evaluation.answer_metrics import task_metrics
 from sft_pipeline.modeling import load_model_for_eval
-
-TASK_METRICS = ("exact_match", "f1", "rouge_l", "score")
 
 
 @dataclass
@@ -83,9 +81,7 @@ def evaluate_tuned_model(
     comparison = compare_evaluations(base, tuned, base_predictions, predictions)
     task = None
     if base_gen is not None:
-        task = {"base": task_metrics(base_gen), "tuned": task_metrics(tuned_gen)}
-        task["delta"] = {k: task["tuned"][k] - task["base"][k] for k in TASK_METRICS
-                         if task["tuned"][k] is not None and task["base"][k] is not None}
+        task = compare_task_metrics(base_gen, tuned_gen)
         base["task"], tuned["task"] = task["base"], task["tuned"]
     passed, reasons = gate_verdict(comparison, base_test, tuned["test"], gate.max_mmlu_drop, gate.max_test_loss_increase,
                                    (task or {}).get("delta", {}).get("score"), gate.min_task_improvement)
@@ -108,6 +104,6 @@ def evaluation_metrics(result: TunedEvaluation) -> dict[str, float | None]:
                "gate_passed": float(result.gate["passed"])}
     if result.task is not None:
         for side in ("base", "tuned"):
-            for k in TASK_METRICS:
+            for k in TASK_METRIC_KEYS:
                 metrics[f"task_{k}" + ("_base" if side == "base" else "")] = result.task[side][k]
     return metrics

@@ -26,18 +26,18 @@ def _pip_requirements() -> list[str]:
 
 def _load_for_logging(weights_dir: Path, base_model_dir: Path):
     """Return (model, tokenizer, is_peft) for the folder produced by training."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
+
+    from sft_pipeline.modeling import load_causal_lm
 
     is_peft = (weights_dir / "adapter_config.json").is_file()
     tok_dir = weights_dir if (weights_dir / "tokenizer_config.json").is_file() else base_model_dir
+    # The tokenizer is logged as saved: its padding settings are the model's, not scoring's.
     tokenizer = AutoTokenizer.from_pretrained(tok_dir)
     if is_peft:
-        from peft import PeftModel
-
-        base = AutoModelForCausalLM.from_pretrained(base_model_dir)
-        model = PeftModel.from_pretrained(base, weights_dir)
+        model = load_causal_lm(base_model_dir, weights_dir, merge_adapter=False)
     elif (weights_dir / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(weights_dir)
+        model = load_causal_lm(weights_dir)
     else:
         raise FileNotFoundError(f"{weights_dir} holds neither a PEFT adapter nor a Hugging Face model")
     return model, tokenizer, is_peft
