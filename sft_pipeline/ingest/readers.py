@@ -1,10 +1,19 @@
-"""Readers per format (JSONL, JSON, CSV, Parquet, Hugging Face datasets) yielding records or unreadable items."""
+"""Readers per format (JSONL, JSON, CSV, Parquet, Hugging Face datasets) yielding records or unreadable items.
+
+Text files may be gzip-compressed and may start with a byte-order mark: UTF-8 (BOM or not),
+UTF-16 and UTF-32 with a BOM are read; anything else is an error naming the file and line.
+"""
 
 from __future__ import annotations
 
+import codecs
+import csv
+import gzip
 import json
+import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import IO, TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
 
@@ -14,6 +23,8 @@ if TYPE_CHECKING:
     from sft_pipeline.ingest.sources import SourceSpec
 
 FILE_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Parquet compresses inside the file and needs random access, so only text formats come gzipped.
+GZIP_SUFFIXES = (".jsonl.gz", ".json.gz", ".csv.gz")
 HF_PREFIX = "hf://"
 # A record larger than this (characters of text, or bytes of a JSONL line) is rejected as
 # `oversized_record` before it is parsed or mapped: no training example is a megabyte long.
@@ -21,6 +32,118 @@ DEFAULT_MAX_RECORD_CHARS = 1_000_000
 
 # Each reader yields (position, record_or_None, raw_text, error_reason, error_detail).
 Item = tuple[int, dict[str, Any] | None, Any, str | None, str | None]
+
+_GZIP_MAGIC = b"\x1f\x8b"
+# UTF-32 first: its little-endian BOM starts with UTF-16's.
+_BOMS = (
+    (codecs.BOM_UTF8, "utf-8"),
+    (codecs.BOM_UTF32_LE, "utf-32-le"),
+    (codecs.BOM_UTF32_BE, "utf-32-be"),
+    (codecs.BOM_UTF16_LE, "utf-16-le"),
+    (codecs.BOM_UTF16_BE, "utf-16-be"),
+)
+# Read errors a damaged gzip stream or disk raises while a file is being read.
+_STREAM_ERRORS = (OSError, EOFError, zlib.error)
+
+
+def file_format(path: Path) -> str | None:
+    """The reader suffix of a supported file (`.jsonl` for `a.jsonl`, `a.JSONL` and `a.jsonl.gz`), else None."""
+    name = path.name.lower()
+    suffixes: tuple[str, ...] = FILE_SUFFIXES
+    if name.endswith(".gz"):
+        name, suffixes = name[: -len(".gz")], tuple(s[: -len(".gz")] for s in GZIP_SUFFIXES)
+    return next((suffix for suffix in suffixes if name.endswith(suffix)), None)
+
+
+def file_stem(path: Path) -> str:
+    """The file name without its format and compression suffixes: `part-1` for `part-1.jsonl.gz`."""
+    suffix = file_format(path)
+    if suffix is None:
+        return path.stem
+    cut = len(suffix) + (len(".gz") if path.name.lower().endswith(".gz") else 0)
+    return path.name[:-cut]
+
+
+@contextmanager
+def _open_bytes(path: Path) -> Iterator[IO[bytes]]:
+    """The file's bytes, gunzipped when they are gzip (by content, whatever the name says)."""
+    with open(path, "rb") as raw:
+        magic = raw.read(2)
+        raw.seek(0)
+        compressed = magic == _GZIP_MAGIC
+        if not compressed and magic and path.name.lower().endswith(".gz"):
+            raise ValueError(f"{path}: named .gz but not gzip-compressed; rename it without .gz")
+        if not compressed:
+            yield raw
+            return
+        with gzip.GzipFile(fileobj=raw, mode="rb") as unzipped:
+            yield unzipped
+
+
+def _encoding(path: Path, head: bytes) -> tuple[str, int]:
+    """(codec, BOM length) from the first bytes; NUL bytes without a BOM are UTF-16/32 we cannot place."""
+    for bom, codec in _BOMS:
+        if head.startswith(bom):
+            return codec, len(bom)
+    if b"\x00" in head[:4]:
+        raise ValueError(
+            f"{path}: not UTF-8: it starts with NUL bytes, like UTF-16 or UTF-32 without a byte-order mark; "
+            "save it as UTF-8 (or UTF-16 with a BOM)"
+        )
+    return "utf-8", 0
+
+
+def _head(path: Path) -> bytes:
+    with _open_bytes(path) as stream:
+        try:
+            return stream.read(4)
+        except _STREAM_ERRORS as err:
+            raise ValueError(f"{path}: could not be read (a truncated or damaged file?): {err}") from err
+
+
+def _decoded_lines(path: Path, stream: IO[bytes], codec: str) -> Iterator[str]:
+    """Lines of a UTF-16/32 stream; a bad byte is an error naming its exact line (io.TextIOWrapper knows only the chunk)."""
+    decoder = codecs.getincrementaldecoder(codec)()
+    line_no, partial = 0, ""
+    while True:
+        chunk = stream.read(1 << 20)
+        pending, _ = decoder.getstate()
+        try:
+            text = partial + decoder.decode(chunk, final=not chunk)
+        except UnicodeDecodeError as err:
+            # err.start counts from the bytes the decoder held back from the last chunk.
+            before = (pending + chunk)[: err.start].decode(codec, "replace")
+            line = line_no + (partial + before).count("\n") + 1
+            raise ValueError(f"{path}: line {line} is not valid {codec[:6].upper()} ({err.reason})") from err
+        lines = text.split("\n")
+        partial = lines.pop()
+        for line in lines:
+            line_no += 1
+            yield line + "\n"
+        if not chunk:
+            if partial:
+                yield partial
+            return
+
+
+def _utf8_lines(path: Path) -> Iterator[bytes]:
+    """The file's lines (split at \\n, endings kept) as UTF-8 bytes: gunzipped, BOM dropped, UTF-16/32 re-encoded.
+
+    UTF-8 lines are passed through undecoded, so that each reader decides what a bad byte costs.
+    """
+    codec, bom_length = _encoding(path, _head(path))
+    line_no = 0
+    with _open_bytes(path) as stream:
+        try:
+            stream.read(bom_length)
+            if codec == "utf-8":
+                for line_no, line in enumerate(stream, start=1):
+                    yield line
+                return
+            for line_no, text in enumerate(_decoded_lines(path, stream, codec), start=1):
+                yield text.encode("utf-8")
+        except _STREAM_ERRORS as err:
+            raise ValueError(f"{path}: could not be read after line {line_no} (a truncated or damaged file?): {err}") from err
 
 
 def _record_chars(value: Any, limit: int) -> int:
@@ -45,38 +168,45 @@ def _record_chars(value: Any, limit: int) -> int:
 
 def read_jsonl(path: Path, max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> Iterator[Item]:
     """One item per non-blank line; an oversized line is rejected before it is decoded or parsed."""
-    with open(path, "rb") as handle:
-        for line_no, raw_bytes in enumerate(handle, start=1):
-            if len(raw_bytes) > max_record_chars:
-                detail = f"line has {len(raw_bytes):,} bytes, more than max_record_chars={max_record_chars:,}; not parsed"
-                yield line_no, None, raw_bytes[:RAW_TEXT_LIMIT].decode("utf-8", "replace"), "oversized_record", detail
-                continue
-            try:
-                line = raw_bytes.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield line_no, None, raw_bytes.decode("utf-8", "replace"), "undecodable_bytes", f"line is not UTF-8: {err}"
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield line_no, None, line, "malformed_json", f"line does not parse as JSON: {err.msg} at column {err.colno}"
-                continue
-            if not isinstance(record, dict):
-                yield line_no, None, line, "wrong_type", f"line is a JSON {type(record).__name__}, not an object"
-                continue
-            yield line_no, record, line, None, None
+    for line_no, raw_bytes in enumerate(_utf8_lines(path), start=1):
+        if len(raw_bytes) > max_record_chars:
+            detail = f"line has {len(raw_bytes):,} bytes, more than max_record_chars={max_record_chars:,}; not parsed"
+            yield line_no, None, raw_bytes[:RAW_TEXT_LIMIT].decode("utf-8", "replace"), "oversized_record", detail
+            continue
+        try:
+            line = raw_bytes.decode("utf-8")
+        except UnicodeDecodeError as err:
+            yield line_no, None, raw_bytes.decode("utf-8", "replace"), "undecodable_bytes", f"line is not UTF-8: {err}"
+            continue
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            yield line_no, None, line, "malformed_json", f"line does not parse as JSON: {err.msg} at column {err.colno}"
+            continue
+        if not isinstance(record, dict):
+            yield line_no, None, line, "wrong_type", f"line is a JSON {type(record).__name__}, not an object"
+            continue
+        yield line_no, record, line, None, None
 
 
 def read_json(path: Path) -> Iterator[Item]:
-    """One item per element of a JSON list (or of a `data` / `examples` wrapper)."""
+    """One item per element of a JSON list (or of a `data` / `examples` wrapper); an empty file has none."""
+    raw = b"".join(_utf8_lines(path))
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: file is not UTF-8 ({err})") from err
+        line = raw[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path}: line {line} is not UTF-8 ({err}); save the file as UTF-8") from err
+    if not text.strip():
+        return
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}); for one record per line use .jsonl") from err
+        raise ValueError(
+            f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); for one record per line use .jsonl"
+        ) from err
     if isinstance(data, dict):
         # A common wrapper: {"data": [...]} or a single record.
         data = data.get("data", data.get("examples", [data]))
@@ -99,20 +229,84 @@ def _is_missing(value: Any) -> bool:
     return not isinstance(value, (list, dict)) and not hasattr(value, "tolist") and pd.isna(value)
 
 
-def read_csv(path: Path) -> Iterator[Item]:
-    """One item per CSV row, every cell read as text."""
-    try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise ValueError(f"{path}: file is not UTF-8 ({err})") from err
-    # Empty CSV cells mean "absent" for optional fields like Alpaca `input`.
-    frame = frame.replace({"": None})
-    yield from _records_from_frame(frame)
+class _TextLines:
+    """Decoded lines for csv.reader that remember which lines the current row used (for `raw` and line numbers)."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._lines = _utf8_lines(path)
+        self.line_no = 0
+        self._taken: list[str] = []
+
+    def __iter__(self) -> _TextLines:
+        return self
+
+    def __next__(self) -> str:
+        raw = next(self._lines)
+        self.line_no += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{self._path}: line {self.line_no} is not UTF-8 ({err}); save the file as UTF-8") from err
+        self._taken.append(line)
+        return line
+
+    def take(self) -> tuple[str, str]:
+        """The text of the lines read since the last take, and where they are: `line 2` or `lines 4-5`."""
+        first = self.line_no - len(self._taken) + 1
+        text, self._taken = "".join(self._taken), []
+        return text, (f"line {first}" if first >= self.line_no else f"lines {first}-{self.line_no}")
+
+
+def read_csv(path: Path, max_record_chars: int = DEFAULT_MAX_RECORD_CHARS) -> Iterator[Item]:
+    """One item per CSV row, every cell read as text; a row that does not fit the header is rejected with its line."""
+    # The csv module caps a field at 131,072 characters; records are capped by max_record_chars instead.
+    csv.field_size_limit(max(csv.field_size_limit(), max_record_chars + 1))
+    lines = _TextLines(path)
+    # strict: a stray quote is an error we can report, not a field that silently swallows the lines after it.
+    reader = csv.reader(lines, strict=True)
+    header: list[str] | None = None
+    index = 0
+    while True:
+        try:
+            fields = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            if header is None:
+                raise ValueError(f"{path}: {lines.take()[1]}: the header row is not valid CSV ({err})") from err
+            raw, where = lines.take()
+            yield index, None, raw, "csv_malformed", f"{where}: not valid CSV ({err}); a stray or unclosed quote?"
+            index += 1
+            continue
+        raw, where = lines.take()
+        if not fields:  # a blank line
+            continue
+        if header is None:
+            header = fields
+            repeated = sorted({name for name in header if header.count(name) > 1})
+            if repeated:
+                raise ValueError(f"{path}: the header names {', '.join(map(repr, repeated))} twice; rename the columns")
+            continue
+        if len(fields) != len(header):
+            detail = f"{where}: {len(fields)} fields, the header has {len(header)} (an unquoted comma or quote?)"
+            yield index, None, raw, "csv_field_count", detail
+        else:
+            # Empty CSV cells mean "absent" for optional fields like Alpaca `input`.
+            record = {name: (value if value != "" else None) for name, value in zip(header, fields)}
+            yield index, record, record, None, None
+        index += 1
 
 
 def read_parquet(path: Path) -> Iterator[Item]:
-    """One item per Parquet row, types kept."""
-    yield from _records_from_frame(pd.read_parquet(path))
+    """One item per Parquet row, types kept; an empty (0-byte) file has none."""
+    if path.stat().st_size == 0:
+        return
+    try:
+        frame = pd.read_parquet(path)
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError and more for a damaged file
+        raise ValueError(f"{path}: not a readable Parquet file ({type(err).__name__}: {err})") from err
+    yield from _records_from_frame(frame)
 
 
 def read_hf_dataset(spec: SourceSpec) -> Iterator[Item]:

@@ -14,11 +14,15 @@ from sft_pipeline.ingest.frames import rejects_frame, rows_frame
 from sft_pipeline.ingest.readers import (
     DEFAULT_MAX_RECORD_CHARS,
     FILE_SUFFIXES,
+    GZIP_SUFFIXES,
     HF_PREFIX,
     READERS,
     Item,
+    file_format,
+    file_stem,
     is_saved_dataset,
     limit_size,
+    read_csv,
     read_hf_dataset,
     read_jsonl,
 )
@@ -29,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE_DATA = Path(__file__).parent.parent / "data"
 DEFAULT_SEED_FILES = ("seed_alpaca.jsonl", "seed_sharegpt.jsonl")
+_SUPPORTED = "/".join((*FILE_SUFFIXES, *GZIP_SUFFIXES))
 
 
 @dataclass
@@ -65,20 +70,20 @@ def expand_source(spec: SourceSpec) -> list[Path]:
     """The files a file or glob source names; raises FileNotFoundError naming what is missing."""
     if glob.has_magic(spec.path):
         matches = sorted(Path(p) for p in glob.glob(spec.path, recursive=True))
-        files = [p for p in matches if p.is_file() and p.suffix in FILE_SUFFIXES]
+        files = [p for p in matches if p.is_file() and file_format(p)]
         if not files:
-            raise FileNotFoundError(f"source glob {spec.path!r} matched no {'/'.join(FILE_SUFFIXES)} files")
+            raise FileNotFoundError(f"source glob {spec.path!r} matched no {_SUPPORTED} files")
         return files
     path = Path(spec.path)
     if not path.exists():
         raise FileNotFoundError(f"source file {spec.path!r} does not exist")
     if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in FILE_SUFFIXES)
+        files = sorted(p for p in path.rglob("*") if p.is_file() and file_format(p))
         if not files:
-            raise FileNotFoundError(f"source folder {spec.path!r} holds no {'/'.join(FILE_SUFFIXES)} files")
+            raise FileNotFoundError(f"source folder {spec.path!r} holds no {_SUPPORTED} files")
         return files
-    if path.suffix not in READERS:
-        raise ValueError(f"source file {spec.path!r}: unsupported suffix {path.suffix!r}; use one of {FILE_SUFFIXES}")
+    if file_format(path) is None:
+        raise ValueError(f"source file {spec.path!r}: unsupported suffix {path.suffix!r}; use one of {_SUPPORTED}")
     return [path]
 
 
@@ -88,7 +93,7 @@ def source_name(spec: SourceSpec) -> str:
         return spec.name
     if spec.path.startswith(HF_PREFIX):
         return spec.path[len(HF_PREFIX):].rstrip("/").split("/")[-1]
-    return Path(spec.path.split("*")[0]).stem or Path(spec.path).parent.name
+    return file_stem(Path(spec.path.split("*")[0])) or Path(spec.path).parent.name
 
 
 def _iter_source(spec: SourceSpec, max_record_chars: int) -> Iterator[tuple[str, Item]]:
@@ -97,10 +102,13 @@ def _iter_source(spec: SourceSpec, max_record_chars: int) -> Iterator[tuple[str,
         yield from ((spec.path, item) for item in limit_size(items, max_record_chars))
         return
     for file in expand_source(spec):
-        if file.suffix == ".jsonl":
+        suffix = file_format(file)
+        if suffix == ".jsonl":
             items = read_jsonl(file, max_record_chars)
+        elif suffix == ".csv":
+            items = limit_size(read_csv(file, max_record_chars), max_record_chars)
         else:
-            items = limit_size(READERS[file.suffix](file), max_record_chars)
+            items = limit_size(READERS[suffix](file), max_record_chars)
         for item in items:
             yield str(file), item
 
