@@ -19,7 +19,8 @@ The stage runs in phases over the whole table, so the expensive parts are vector
 
 Modules: `config` (CurationConfig), `normalize`, `pii`, `tokens`, `filters`, `ngrams` (hashed
 words, shingles, n-grams), `dedup` (exact + MinHash LSH), `decontamination`, `clean`
-(clean_instructions, CurationReport), `expectations` (Great Expectations suites).
+(clean_instructions, CurationReport), `expectations` (Great Expectations suites), `screen`
+(ingested rows outside the raw_instructions suite's per-row bounds, set aside before its check).
 """
 
 from sft_pipeline.curation.clean import CurationReport, clean_instructions
@@ -41,7 +42,9 @@ from sft_pipeline.curation.dedup import (
 from sft_pipeline.curation.expectations import (
     EXPECTATIONS_DIR,
     ExpectationOutcome,
+    SuiteEntryProblem,
     SuiteResult,
+    column_range,
     conversation_view,
     curation_summary,
     ingest_summary,
@@ -52,7 +55,8 @@ from sft_pipeline.curation.expectations import (
 from sft_pipeline.curation.filters import PhraseFilter, conversation_problem, phrase_problem
 from sft_pipeline.curation.ngrams import jaccard, ngram_hashes, shingle_sets, word_hashes, words
 from sft_pipeline.curation.normalize import normalize_text
-from sft_pipeline.curation.pii import EMAIL, PHONE, find_pii, redact_pii
+from sft_pipeline.curation.pii import EMAIL, PHONE, find_pii, redact_columns, redact_pii, redact_value
+from sft_pipeline.curation.screen import screen_rows
 from sft_pipeline.curation.tokens import TokenCounter, approx_token_count
 
 __all__ = [
@@ -66,12 +70,14 @@ __all__ = [
     "PHONE",
     "PII_ACTIONS",
     "PhraseFilter",
+    "SuiteEntryProblem",
     "SuiteResult",
     "TokenCounter",
     "approx_token_count",
     "benchmark_ngrams",
     "candidate_probability",
     "clean_instructions",
+    "column_range",
     "contamination",
     "conversation_problem",
     "conversation_view",
@@ -89,7 +95,10 @@ __all__ = [
     "ngram_hashes",
     "normalize_text",
     "phrase_problem",
+    "redact_columns",
     "redact_pii",
+    "redact_value",
+    "screen_rows",
     "shingle_sets",
     "suite_path",
     "validate_frame",

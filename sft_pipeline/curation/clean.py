@@ -83,6 +83,12 @@ def clean_instructions(
                                    source=source, source_file=source_file, source_index=source_index))
         )
 
+    def raw_text(raw_messages: list[dict[str, str]]) -> list[dict[str, str]]:
+        # A rejected row keeps its raw text for review, not the personal data the kept rows lose.
+        if cfg.pii == "keep":
+            return raw_messages
+        return [{"role": m["role"], "content": redact_pii(m["content"] or "")[0]} for m in raw_messages]
+
     # Phase 1: per-row normalization, PII, structure, character bounds, phrases.
     alive: list[int] = []
     normalized: dict[int, list[dict[str, str]]] = {}
@@ -97,7 +103,7 @@ def clean_instructions(
                         found[kind] = found.get(kind, 0) + count
                 if found:
                     what = ", ".join(f"{count} {kind}" for kind, count in sorted(found.items()))
-                    reject(position, "pii", f"holds personal data: {what}", raw_messages, ids_col[position])
+                    reject(position, "pii", f"holds personal data: {what}", raw_text(raw_messages), ids_col[position])
                     continue
             else:
                 for m in messages:
@@ -106,7 +112,7 @@ def clean_instructions(
                         redactions[kind] += count
         problem = conversation_problem(messages, cfg) or phrase_problem(messages, refusals, boilerplate)
         if problem:
-            reject(position, problem[0], problem[1], raw_messages, ids_col[position])
+            reject(position, problem[0], problem[1], raw_text(raw_messages), ids_col[position])
             continue
         alive.append(position)
         normalized[position] = messages

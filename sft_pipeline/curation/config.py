@@ -32,6 +32,7 @@ class CurationConfig:
     min_response_chars: int = field(default=1, metadata={"help": "A conversation whose assistant turns hold fewer characters is rejected (`empty_response`)."})
     min_conversation_chars: int = field(default=2, metadata={"help": "A conversation shorter than this, all turns together, is rejected (`too_short`)."})
     max_conversation_chars: int = field(default=12_000, metadata={"help": "A conversation longer than this, all turns together, is rejected (`too_long`)."})
+    max_turns: int = field(default=200, metadata={"help": "A conversation with more turns (system included) is rejected (`too_many_turns`). Ingest already sets aside rows above the raw_instructions suite's num_turns bound (200)."})
     min_conversation_tokens: int = field(default=2, metadata={"help": "A conversation with fewer tokens, all turns together, is rejected (`too_few_tokens`)."})
     max_conversation_tokens: int = field(default=4096, metadata={"help": "A conversation with more tokens, all turns together, is rejected (`too_many_tokens`); 0 turns the bound off."})
     tokenizer: str = field(default="", metadata={"help": "Tokenizer that counts tokens: a local Hugging Face tokenizer folder or a hub id. Empty: a regex estimate (words in pieces of at most 6 characters, plus punctuation marks)."})
@@ -55,6 +56,8 @@ class CurationConfig:
         for name in ("min_response_chars", "min_conversation_chars", "min_conversation_tokens", "max_conversation_tokens", "decontamination_ngram"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.max_turns < 2:
+            raise ValueError(f"max_turns must be >= 2 (a user and an assistant turn), got {self.max_turns}")
         if self.max_conversation_chars <= 0:
             raise ValueError(f"max_conversation_chars must be > 0, got {self.max_conversation_chars}")
         if self.min_conversation_chars > self.max_conversation_chars:

@@ -24,8 +24,18 @@ def conversation_problem(messages: list[dict[str, str]], cfg: CurationConfig) ->
         return "misplaced_system", "a system turn may only open the conversation"
     if not any(m["role"] == "user" for m in messages):
         return "no_user_turn", "the conversation has no user turn"
+    # The clean_instructions suite requires (system,)? user, assistant, user, assistant, ...:
+    # a row that breaks it here is quarantined instead of failing the blocking check for everyone.
+    start = 1 if messages[0]["role"] == "system" else 0
+    if messages[start]["role"] != "user":
+        return "assistant_first", f"turn {start} is {messages[start]['role']!r}: the conversation must open with a user turn"
+    for i in range(start + 1, len(messages)):
+        if messages[i]["role"] == messages[i - 1]["role"]:
+            return "role_order", f"turns {i - 1} and {i} are both {messages[i]['role']!r}: user and assistant turns must alternate"
     if messages[-1]["role"] != "assistant":
         return "no_final_assistant", f"the last turn is {messages[-1]['role']!r}, not 'assistant'"
+    if len(messages) > cfg.max_turns:
+        return "too_many_turns", f"the conversation has {len(messages)} turns, more than {cfg.max_turns}"
     response_chars = sum(len(m["content"]) for m in messages if m["role"] == "assistant")
     if response_chars < cfg.min_response_chars:
         return "empty_response", f"assistant text has {response_chars} characters, fewer than {cfg.min_response_chars}"

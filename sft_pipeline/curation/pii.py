@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Iterable
+
+import pandas as pd
 
 EMAIL = re.compile(r"(?<![\w.+-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b")
 # Phone numbers written with separators: +44 20 7946 0958, (555) 123-4567, 555.123.4567.
@@ -39,3 +42,23 @@ def redact_pii(text: str) -> tuple[str, dict[str, int]]:
         text = EMAIL.sub(email, text)
     text = PHONE.sub(phone, text)
     return text, {k: v for k, v in counts.items() if v}
+
+
+def redact_columns(frame: pd.DataFrame, columns: Iterable[str]) -> pd.DataFrame:
+    """A copy of `frame` with the text of `columns` (those it has) redacted; other values kept."""
+    frame = frame.copy()
+    for column in columns:
+        if column in frame:
+            frame[column] = [redact_pii(v)[0] if isinstance(v, str) else v for v in frame[column].tolist()]
+    return frame
+
+
+def redact_value(value: Any) -> Any:
+    """`value` with every string inside it (lists, tuples and dict values, nested) redacted."""
+    if isinstance(value, str):
+        return redact_pii(value)[0]
+    if isinstance(value, dict):
+        return {k: redact_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(redact_value(v) for v in value)
+    return value

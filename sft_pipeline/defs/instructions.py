@@ -13,7 +13,7 @@ from sft_pipeline.defs.metadata import (
     markdown_table,
     suite_check_result,
 )
-from sft_pipeline.curation import CurationConfig, clean_instructions as clean_rows
+from sft_pipeline.curation import CurationConfig, clean_instructions as clean_rows, redact_columns, redact_value, screen_rows
 from sft_pipeline.ingest import DEFAULT_MAX_RECORD_CHARS, SourceSpec, default_sources, load_sources
 from sft_pipeline.curation.expectations import conversation_view, curation_summary, ingest_summary, suite_path, validate_frame
 from sft_pipeline.defs.resources import PipelineStorage
@@ -30,7 +30,7 @@ from sft_pipeline.outputs import (
 )
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 GROUP = "data"
 
 
@@ -69,12 +69,21 @@ def _per_source_table(records: dict[str, int], rows: pd.DataFrame, rejected: pd.
     return markdown_table(frame, max_rows=100)
 
 
+# Metadata lands in the Dagster event log, which everyone with the UI reads and which outlives the
+# data folders: text shown there is always redacted, whatever the curation `pii` setting.
 def _reject_samples(rejected: pd.DataFrame, per_reason: int = 2, max_rows: int = 30) -> dg.MetadataValue:
-    """A few rejected rows of every reason, so each reason has an example."""
+    """A few rejected rows of every reason, so each reason has an example; text redacted."""
     if not len(rejected):
         return dg.MetadataValue.md("_(empty)_")
     sample = rejected.groupby("reason", sort=True, group_keys=False).head(per_reason)
-    return markdown_table(sample[["source", "source_index", "stage", "reason", "detail", "raw"]], max_rows=max_rows, max_chars=160)
+    sample = redact_columns(sample[["source", "source_index", "stage", "reason", "detail", "raw"]].head(max_rows), ("detail", "raw"))
+    return markdown_table(sample, max_rows=max_rows, max_chars=160)
+
+
+def _preview(rows: pd.DataFrame, max_rows: int = 10) -> dg.MetadataValue:
+    """The first rows, text redacted."""
+    head = rows[["id", "source", "category", "prompt", "response"]].head(max_rows)
+    return markdown_table(redact_columns(head, ("category", "prompt", "response")), max_rows=max_rows)
 
 
 @dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"pandas", "parquet"})
@@ -82,10 +91,14 @@ def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) ->
     """Every source record mapped to the canonical row schema, with provenance; unreadable records set aside."""
     specs = [SourceSpec(**source.model_dump()) for source in config.sources] or default_sources()
     result = load_sources(specs, max_record_chars=config.max_record_chars)
-    folder, digest = write_row_tables(storage.asset_dir("raw_instructions"), {ROWS_FILE: result.rows, UNREADABLE_FILE: result.rejected})
-    info = RawInstructionsInfo(path=str(folder), digest=digest, files=(ROWS_FILE, UNREADABLE_FILE), rows=len(result.rows),
-                               unreadable=len(result.rejected), records_per_source=dict(result.records_per_source))
-    reasons = result.rejected["reason"].value_counts().to_dict() if len(result.rejected) else {}
+    # Rows the blocking raw_instructions suite would reject are set aside here, one by one, instead
+    # of failing the check (and the run) for every record.
+    rows, screened = screen_rows(result.rows, suite_path("raw_instructions"))
+    set_aside = pd.concat([result.rejected, screened], ignore_index=True) if len(screened) else result.rejected
+    folder, digest = write_row_tables(storage.asset_dir("raw_instructions"), {ROWS_FILE: rows, UNREADABLE_FILE: set_aside})
+    info = RawInstructionsInfo(path=str(folder), digest=digest, files=(ROWS_FILE, UNREADABLE_FILE), rows=len(rows),
+                               unreadable=len(set_aside), records_per_source=dict(result.records_per_source))
+    reasons = set_aside["reason"].value_counts().to_dict() if len(set_aside) else {}
     return dg.MaterializeResult(
         value=info,
         metadata={
@@ -93,10 +106,10 @@ def raw_instructions(config: RawInstructionsConfig, storage: PipelineStorage) ->
             "dagster/row_count": info.rows,
             "records_read": info.records_read,
             "unreadable_records": info.unreadable,
-            "records_per_source": _per_source_table(result.records_per_source, result.rows, result.rejected),
+            "records_per_source": _per_source_table(result.records_per_source, rows, set_aside),
             "unreadable_per_reason": counts_table(reasons, "reason", "records"),
-            "unreadable_sample": _reject_samples(result.rejected),
-            "preview": markdown_table(result.rows[["id", "source", "category", "prompt", "response"]], max_rows=10),
+            "unreadable_sample": _reject_samples(set_aside),
+            "preview": _preview(rows),
         },
         data_version=dg.DataVersion(digest),
     )
@@ -120,7 +133,10 @@ def curated_instructions(
     benchmark = pd.read_parquet(mmlu_benchmark.file(QUESTIONS_FILE))
     benchmark_texts = [(q.question_id, q.question + "\n" + "\n".join(q.choices)) for q in benchmark.itertuples()]
 
-    kept, rejected, report = clean_rows(raw, CurationConfig(**domain_kwargs(config, CurationConfig)), benchmark_texts)
+    cfg = CurationConfig(**domain_kwargs(config, CurationConfig))
+    kept, rejected, report = clean_rows(raw, cfg, benchmark_texts)
+    if cfg.pii != "keep":  # set-aside records keep their raw text for review, not the personal data in it
+        ingest_rejected = redact_columns(ingest_rejected, ("detail", "raw"))
     context.log.info("curation: %d in, %d kept, rejected %s, phases %s", report.rows_in, report.kept, report.rejected_by_reason, report.seconds_per_phase)
     all_rejected = pd.concat([ingest_rejected, rejected], ignore_index=True) if len(ingest_rejected) else rejected
     records_in = raw_instructions.records_read
@@ -175,10 +191,17 @@ def curated_instructions(
     )
 
 
+def _redacted(result):
+    """A suite result whose observed values (samples of failing cells) are redacted, for the event log."""
+    for outcome in result.outcomes:
+        outcome.observed = redact_value(outcome.observed)
+    return result
+
+
 @dg.asset_check(asset="raw_instructions", blocking=True, description="Ingested rows match the raw_instructions suite.")
 def raw_instructions_match_expectations(raw_instructions: RawInstructionsInfo) -> dg.AssetCheckResult:
     rows = read_table(raw_instructions, ROWS_FILE)
-    return suite_check_result(validate_frame(conversation_view(rows), suite_path("raw_instructions")), "raw_instructions")
+    return suite_check_result(_redacted(validate_frame(conversation_view(rows), suite_path("raw_instructions"))), "raw_instructions")
 
 
 @dg.asset_check(
@@ -200,7 +223,7 @@ def raw_records_readable(raw_instructions: RawInstructionsInfo) -> dg.AssetCheck
 @dg.asset_check(asset="clean_instructions", blocking=True, description="Clean rows match the clean_instructions suite.")
 def clean_instructions_match_expectations(clean_instructions: CleanInstructionsInfo) -> dg.AssetCheckResult:
     rows = read_table(clean_instructions, ROWS_FILE)
-    return suite_check_result(validate_frame(conversation_view(rows), suite_path("clean_instructions")), "clean_instructions")
+    return suite_check_result(_redacted(validate_frame(conversation_view(rows), suite_path("clean_instructions"))), "clean_instructions")
 
 
 @dg.asset_check(

@@ -3,6 +3,8 @@
 import json
 import shutil
 
+import pytest
+
 from sft_pipeline.curation.clean import clean_instructions
 from sft_pipeline.curation.expectations import conversation_view, curation_summary, ingest_summary, suite_path, validate_frame
 from sft_pipeline.ingest.frames import rows_frame
@@ -76,3 +78,62 @@ def test_clean_suite_checks_token_and_length_ranges():
     failed = {(o.expectation, o.column) for o in result.failed}
     assert ("expect_column_values_to_be_between", "approx_tokens") in failed
     assert ("expect_column_values_to_be_between", "conversation_chars") in failed
+
+
+def _suite_copy(tmp_path, name, edit):
+    spec = json.loads(suite_path(name).read_text())
+    edit(spec["expectations"])
+    path = tmp_path / f"{name}.json"
+    path.write_text(json.dumps(spec))
+    return path
+
+
+def test_a_misspelled_expectation_fails_the_suite_naming_the_file_and_the_entry(tmp_path):
+    def misspell(expectations):
+        expectations[1]["type"] = "expect_column_values_to_be_betwen"
+
+    path = _suite_copy(tmp_path, "curation_summary", misspell)
+    # 62.5% rejected: over the suite's 50% bound, which the misspelled entry was meant to enforce.
+    result = validate_frame(curation_summary(rows_in=8, kept=3, rejected=5), path)
+    assert not result.success
+    bad = [o for o in result.failed if o.expectation == "expect_column_values_to_be_betwen"]
+    assert len(bad) == 1 and bad[0].column == "rejected_share"
+    assert str(path) in bad[0].observed and "expectations[1]" in bad[0].observed
+    assert "not found" in bad[0].observed or "unknown" in bad[0].observed
+    # The well-formed entry is still evaluated.
+    assert any(o.expectation == "expect_column_pair_values_to_be_equal" and o.success for o in result.outcomes)
+
+
+def test_an_entry_with_bad_arguments_fails_the_suite_instead_of_raising(tmp_path):
+    def break_kwargs(expectations):
+        expectations[1]["kwargs"]["colum"] = expectations[1]["kwargs"].pop("column")
+
+    path = _suite_copy(tmp_path, "curation_summary", break_kwargs)
+    result = validate_frame(curation_summary(rows_in=10, kept=9, rejected=1), path)
+    assert not result.success
+    assert [o.expectation for o in result.failed] == ["expect_column_values_to_be_between"]
+    assert str(path) in result.failed[0].observed and "expectations[1]" in result.failed[0].observed
+
+
+def test_fewer_evaluated_expectations_than_declared_fails(tmp_path, monkeypatch):
+    import great_expectations.core.expectation_validation_result as results
+
+    path = suite_path("curation_summary")
+    real = results.ExpectationSuiteValidationResult.__init__
+
+    def drop_one(self, *args, **kwargs):  # stands in for GE skipping an expectation without a word
+        real(self, *args, **kwargs)
+        self.results = self.results[:-1]
+
+    monkeypatch.setattr(results.ExpectationSuiteValidationResult, "__init__", drop_one)
+    result = validate_frame(curation_summary(rows_in=10, kept=9, rejected=1), path)
+    assert not result.success
+    assert any("declares 2 expectations" in str(o.observed) and "1 evaluated" in str(o.observed) and str(path) in str(o.observed)
+               for o in result.failed)
+
+
+def test_a_suite_without_expectations_is_an_error_naming_its_file(tmp_path):
+    path = tmp_path / "empty.json"
+    path.write_text(json.dumps({"name": "empty", "expectations": []}))
+    with pytest.raises(ValueError, match="empty.json"):
+        validate_frame(curation_summary(rows_in=10, kept=9, rejected=1), path)

@@ -21,3 +21,18 @@ def test_pii_is_redacted_by_default_and_rejected_on_request():
     assert reasons_by_index(rejected) == {1: "pii"} and "2 email" in rejected.iloc[0]["detail"]
     kept, _, _ = clean_instructions(rows, CurationConfig(pii="keep"))
     assert "bob@corp.com" in kept.iloc[0]["prompt"]
+
+
+def test_rejected_rows_keep_their_raw_text_without_the_personal_data_unless_pii_is_kept():
+    from sft_pipeline.curation.pii import redact_value
+
+    rows = frame(row("Write to bob@corp.com at 555-867-5309 as his bank.", "I'm sorry, but I can't help with that request.", index=1),
+                 row("Hi", "Hello there.", index=2))
+    for pii in ("redact", "reject"):
+        _, rejected, _ = clean_instructions(rows, CurationConfig(pii=pii))
+        raw = rejected.set_index("source_index").loc[1, "raw"]
+        assert "bob@corp.com" not in raw and "555-867-5309" not in raw and "[EMAIL]" in raw, pii
+    _, rejected, _ = clean_instructions(rows, CurationConfig(pii="keep"))
+    assert "bob@corp.com" in rejected.set_index("source_index").loc[1, "raw"]
+    observed = {"unexpected_count": 1, "sample": ["call 555-867-5309", ("a@b.org",)], "n": 3}
+    assert redact_value(observed) == {"unexpected_count": 1, "sample": ["call [PHONE]", ("[EMAIL]",)], "n": 3}
