@@ -15,8 +15,9 @@ INFO_FILE = "sft_dataset_info.json"
 DROPPED_FILE = "dropped.parquet"
 # Bump when the output format or the labeling rule changes, so old fingerprints stop matching.
 FORMAT_VERSION = "2"
-# Config fields that change how fast the stage runs, not what it writes: not part of the fingerprint.
-_NON_OUTPUT_FIELDS = ("num_workers", "batch_size")
+# Config fields that do not change what is written (speed, and the checks applied to an output): not
+# part of the fingerprint. The checks run on a reused folder too, so a stricter setting still applies.
+_NON_OUTPUT_FIELDS = ("num_workers", "batch_size", "max_dropped_share", "reuse_full_hash_max_bytes")
 
 
 @dataclass
@@ -52,6 +53,15 @@ class TokenizationConfig:
     pack_length: int = field(default=0, metadata={
         "help": "Length of a packed sequence in tokens; 0 means max_length. Also the length the packing-"
                 "efficiency estimate uses."})
+    max_dropped_share: float = field(default=0.5, metadata={
+        "help": "Fail (nothing is published) when more than this share of the input rows is dropped (too long, "
+                "duplicate id, control token), naming each reason with its count and the setting to change. "
+                "1.0 accepts any share."})
+    reuse_full_hash_max_bytes: int = field(default=1 << 30, metadata={
+        "help": "An existing dataset folder is reused only after a check: every file present, with the size and "
+                "a readable Parquet footer with the row count recorded when it was written, always; when the hashed "
+                "files total at most this many bytes, their rows are also hashed and compared with content_hash "
+                "(about 20 MB/s of Parquet per core). A folder that fails is rebuilt. 0: never hash."})
 
     def __post_init__(self) -> None:
         self.validate()
@@ -89,6 +99,12 @@ class TokenizationConfig:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
         if self.pack_length == 1:
             raise ValueError(f"pack_length must be 0 (= max_length) or >= 2, got {self.pack_length!r}")
+        share = self.max_dropped_share
+        if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 <= share <= 1.0:
+            raise ValueError(f"max_dropped_share must be a number in [0, 1], got {share!r}")
+        limit = self.reuse_full_hash_max_bytes
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(f"reuse_full_hash_max_bytes must be an integer >= 0, got {limit!r}")
         if not isinstance(self.packing, bool):
             raise ValueError(f"packing must be true or false, got {self.packing!r}")
 

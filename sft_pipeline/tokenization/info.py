@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-from sft_pipeline.tokenization.config import INFO_FILE, SPLITS
+from sft_pipeline.hashing import combine_digests, parquet_digest
+from sft_pipeline.tokenization.config import DROPPED_FILE, INFO_FILE, SPLITS
 
 
 @dataclass
@@ -55,6 +56,10 @@ class SftDatasetInfo:
     were assembled from the skeleton without rendering each row a second time to compare."""
     slow_path_rows: int = 0
     config: dict[str, Any] = field(default_factory=dict)
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    """Bytes of each Parquet file as written, by file name: the cheap check before a folder is reused."""
+    file_digests: dict[str, str] = field(default_factory=dict)
+    """Per-file part of content_hash (content_hash = combine_digests(file_digests)), so a mismatch names its file."""
     seconds: float = 0.0
     tokens_per_second: float = 0.0
 
@@ -64,6 +69,62 @@ class SftDatasetInfo:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SftDatasetInfo":
         return cls(**{k: data[k] for k in cls.__dataclass_fields__ if k in data})
+
+    def hashed_files(self) -> dict[str, str]:
+        """File name -> path of the files content_hash covers, in the order their digests are combined."""
+        out = {Path(self.files[s]).name: self.files[s] for s in SPLITS}
+        out.update({Path(p).name: p for p in self.packed_files.values()})
+        return out
+
+
+def find_damage(info: SftDatasetInfo, full_hash_max_bytes: int) -> str | None:
+    """Why the folder `info` describes no longer holds what was written (a sentence naming the file), or None.
+
+    Always (cheap: no data page is read): every file is present, has the size recorded when it was
+    written and a readable Parquet footer with the recorded row count. When the hashed files total at
+    most `full_hash_max_bytes`, their rows are also hashed and compared with `content_hash`, which finds
+    a change that keeps size and footer (a flipped byte in a data page).
+    """
+    import pyarrow.parquet as pq
+
+    expected = {Path(info.files[s]).name: (info.files[s], info.splits.get(s, 0)) for s in SPLITS}
+    for split, path in info.packed_files.items():
+        expected[Path(path).name] = (path, info.packed_sequences.get(split, 0))
+    expected[DROPPED_FILE] = (str(Path(info.path) / DROPPED_FILE), info.dropped)
+    hashed = info.hashed_files()
+    total = 0
+    for name, (path, rows) in expected.items():
+        file = Path(path)
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        recorded = info.file_sizes.get(name)
+        if recorded is not None and size != recorded:
+            return f"{name} has {size} bytes where {recorded} were written"
+        try:
+            num_rows = pq.read_metadata(file).num_rows
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError for a cut or overwritten footer
+            return f"{name} is not a readable Parquet file ({exc})"
+        if num_rows != rows:
+            return f"{name} holds {num_rows} rows where {rows} were written"
+        if name in hashed:
+            total += size
+    if not info.content_hash:
+        return f"{INFO_FILE} records no content_hash"
+    if total > full_hash_max_bytes:
+        return None
+    digests = {}
+    for name, path in hashed.items():
+        try:
+            digests[name] = parquet_digest(path)
+        except Exception as exc:  # a damaged data page: decompression or decoding fails
+            return f"the rows of {name} cannot be read ({exc})"
+        recorded = info.file_digests.get(name)
+        if recorded is not None and digests[name] != recorded:
+            return f"the rows of {name} differ from those written (digest {digests[name][:16]}, recorded {recorded[:16]})"
+    if combine_digests(digests) != info.content_hash:
+        return f"the rows differ from those written (content_hash {info.content_hash[:16]} recorded)"
+    return None
 
 
 def read_sft_dataset_info(out_dir: str | Path) -> SftDatasetInfo | None:

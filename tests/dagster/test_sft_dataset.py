@@ -72,3 +72,27 @@ def test_failing_round_trip_blocks_training(staged, tmp_path):
     assert evaluations["every_example_trainable"].passed is True
     materialized = {e.asset_key.to_user_string() for e in result.get_asset_materialization_events()}
     assert materialized - set(staged[2]) == {"sft_dataset"}
+
+
+def test_truncated_split_is_rebuilt_on_rematerialization(staged):
+    """`truncate -s 1500 train.parquet` in the published folder: the next materialization must not
+    report "reused" over the damaged file; it rebuilds the same content and its checks pass."""
+    import os
+
+    instance = dg.DagsterInstance.ephemeral()
+    first = run_slice(staged, ["sft_dataset"], {"max_length": 256}, instance)
+    assert first.success
+    recorded = first.asset_materializations_for_node("sft_dataset")[0]
+    version = recorded.tags["dagster/data_version"]
+    train = first.output_for_node("sft_dataset").files["train"]
+    assert os.path.getsize(train) > 1500
+    os.truncate(train, 1500)
+
+    second = run_slice(staged, ["sft_dataset"], {"max_length": 256}, instance)
+    assert second.success
+    again = second.asset_materializations_for_node("sft_dataset")[0]
+    assert again.metadata["reused"].value is False
+    assert again.tags["dagster/data_version"] == version == recorded.metadata["content_hash"].value
+    assert os.path.getsize(train) > 1500
+    evaluations = {e.check_name: e for e in second.get_asset_check_evaluations()}
+    assert set(evaluations) == set(CHECK_NAMES) and all(e.passed for e in evaluations.values())

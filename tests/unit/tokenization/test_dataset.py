@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -154,3 +157,171 @@ def test_workers_and_batches_do_not_change_the_output(tiny_model_dir, tmp_path):
     one = build_sft_dataset(rows, tiny_model_dir, tmp_path / "one", TokenizationConfig(**cfg))
     many = build_sft_dataset(rows, tiny_model_dir, tmp_path / "many", TokenizationConfig(num_workers=2, batch_size=9, **cfg))
     assert one.content_hash == many.content_hash and one.splits == many.splits and one.truncated == many.truncated
+# --- reuse verifies what it reuses (issue #14, item 3) ---------------------------------------------
+
+
+def _content_hash_of(info: SftDatasetInfo) -> str:
+    from sft_pipeline.hashing import combine_digests, parquet_digest
+
+    files = {**{s: info.files[s] for s in ("train", "validation", "test")},
+             **{f"{s}.packed": p for s, p in info.packed_files.items()}}
+    return combine_digests({Path(p).name: parquet_digest(p) for p in files.values()})
+
+
+def _flip_bytes_inside_a_data_page(path: Path) -> None:
+    """Change bytes in the middle of the input_ids column chunk: size and footer stay as they were."""
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(path).metadata.row_group(0).column(1)
+    at = column.data_page_offset + column.total_compressed_size // 2
+    data = bytearray(path.read_bytes())
+    size = len(data)
+    data[at:at + 4] = bytes(b ^ 0x5A for b in data[at:at + 4])
+    path.write_bytes(bytes(data))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.parametrize("damage, why", [
+    (lambda f: os.truncate(f["train"], 1500), "train.parquet"),
+    (lambda f: Path(f["validation"]).unlink(), "validation.parquet"),
+    (lambda f: (Path(f["train"]).parent / "dropped.parquet").write_bytes(b""), "dropped.parquet"),
+    (lambda f: _flip_bytes_inside_a_data_page(Path(f["train"])), "train.parquet"),
+])
+def test_damaged_dataset_is_rebuilt_not_reused(tiny_model_dir, tmp_path, caplog, damage, why):
+    rows = make_rows(30)
+    first = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig(packing=True))
+    damage(first.files)
+    with caplog.at_level(logging.WARNING, logger=dataset.__name__):
+        again = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig(packing=True))
+    assert again.reused is False and again.path == first.path
+    assert again.content_hash == first.content_hash == _content_hash_of(again)
+    assert again.splits == first.splits
+    logged = [r.getMessage() for r in caplog.records if r.name == dataset.__name__]
+    assert any("rebuild" in m and why in m for m in logged), logged
+    # Rebuilt, the folder is sound again: reused as it is next time.
+    assert materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig(packing=True)).reused is True
+
+
+def test_full_hash_only_up_to_the_configured_size(tiny_model_dir, tmp_path, caplog):
+    """Size and footer are always checked; the rows are hashed only when the files total at most
+    reuse_full_hash_max_bytes: a change that keeps size and footer is found only by the hash."""
+    rows = make_rows(30)
+    first = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig())
+    _flip_bytes_inside_a_data_page(Path(first.files["train"]))
+    cheap = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig(reuse_full_hash_max_bytes=0))
+    assert cheap.reused is True
+    size = sum(Path(p).stat().st_size for p in first.files.values())
+    exact = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig(reuse_full_hash_max_bytes=size))
+    assert exact.reused is False and _content_hash_of(exact) == first.content_hash
+    with pytest.raises(ValueError, match="reuse_full_hash_max_bytes"):
+        TokenizationConfig(reuse_full_hash_max_bytes=-1)
+
+
+def test_unreadable_info_file_is_rebuilt(tiny_model_dir, tmp_path):
+    rows = make_rows(20)
+    first = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig())
+    info_file = Path(first.path) / "sft_dataset_info.json"
+    info_file.write_text(info_file.read_text()[:40])
+    again = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, TokenizationConfig())
+    assert again.reused is False and again.content_hash == first.content_hash
+
+
+def test_staging_follows_the_pid_pattern_and_abandoned_staging_is_removed(tiny_model_dir, tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    from sft_pipeline.outputs import STAGING_PREFIX
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    abandoned = tmp_path / f"{STAGING_PREFIX}{int(dead.stdout)}-0123456789ab"
+    (abandoned / "sub").mkdir(parents=True)
+    live = tmp_path / f"{STAGING_PREFIX}{os.getpid()}-ba9876543210"
+    live.mkdir()
+    seen = []
+    real_fsync = dataset.fsync_files
+
+    def spy(folder):
+        seen.append(Path(folder).name)
+        real_fsync(folder)
+
+    monkeypatch.setattr(dataset, "fsync_files", spy)
+    info = materialize_sft_dataset(make_rows(20), tiny_model_dir, tmp_path, TokenizationConfig())
+    assert seen and all(name.startswith(f"{STAGING_PREFIX}{os.getpid()}-") for name in seen)
+    assert not abandoned.exists() and live.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, Path(info.path).name])
+
+
+def test_a_copy_published_meanwhile_by_another_process_is_kept(tiny_model_dir, tmp_path, monkeypatch):
+    """Two processes building the same fingerprint: the second finds the first's complete, sound
+    folder at publication time and keeps it instead of deleting it under its readers."""
+    import shutil
+
+    rows = make_rows(20)
+    other = build_sft_dataset(rows, tiny_model_dir, tmp_path / "other", TokenizationConfig())
+    out = tmp_path / "ds"
+    real_fsync = dataset.fsync_files
+
+    def publish_meanwhile(folder):
+        real_fsync(folder)
+        shutil.copytree(other.path, out)
+        (out / "marker").write_text("the other process's copy")
+
+    monkeypatch.setattr(dataset, "fsync_files", publish_meanwhile)
+    info = build_sft_dataset(rows, tiny_model_dir, out, TokenizationConfig())
+    assert (out / "marker").exists() and info.content_hash == other.content_hash and info.path == str(out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "other"]
+
+
+def test_a_different_copy_published_between_the_renames_fails_cleanly(tiny_model_dir, tmp_path, monkeypatch):
+    """The old folder was moved aside; before our rename, another process publishes other content at
+    the name. The rename fails and the stage says so, leaving their folder whole and no staging behind."""
+    import shutil
+
+    out = tmp_path / "ds"
+    build_sft_dataset(make_rows(20), tiny_model_dir, out, TokenizationConfig())
+    other = build_sft_dataset(make_rows(12), tiny_model_dir, tmp_path / "other", TokenizationConfig())
+    real_rmtree = shutil.rmtree
+
+    def rmtree_then_other_publishes(path, *args, **kwargs):
+        real_rmtree(path, *args, **kwargs)
+        if "-replaced-" in Path(path).name:
+            shutil.copytree(other.path, out)
+
+    monkeypatch.setattr(dataset.shutil, "rmtree", rmtree_then_other_publishes)
+    with pytest.raises(RuntimeError, match="another process published"):
+        build_sft_dataset(make_rows(10), tiny_model_dir, out, TokenizationConfig())
+    monkeypatch.undo()
+    assert read_sft_dataset_info(out).content_hash == other.content_hash
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "other"]
+
+
+# --- too many dropped rows (issue #14, item 4) -----------------------------------------------------
+
+
+def _mostly_too_long() -> pd.DataFrame:
+    long_rows = make_rows(20, long_every=1)
+    short = make_rows(4)
+    short["messages"] = [[{"role": "user", "content": f"Short {i}?"}, {"role": "assistant", "content": "Yes."}]
+                         for i in range(4)]
+    short["id"] = [f"short{i}" for i in range(4)]
+    return pd.concat([long_rows, short], ignore_index=True)
+
+
+def test_dropping_more_than_max_dropped_share_fails_naming_the_cause(tiny_model_dir, tmp_path):
+    rows = _mostly_too_long()
+    cfg = TokenizationConfig(max_length=64, validation_fraction=0, test_fraction=0)
+    with pytest.raises(ValueError) as caught:
+        materialize_sft_dataset(rows, tiny_model_dir, tmp_path, cfg)
+    message = str(caught.value)
+    assert "20 of 24" in message and "max_dropped_share=0.5" in message
+    assert "too_long: 20" in message and "max_length=64" in message
+    assert list(tmp_path.iterdir()) == []  # nothing published that a later run could reuse as good
+
+    lenient = TokenizationConfig(max_length=64, validation_fraction=0, test_fraction=0, max_dropped_share=0.9)
+    built = materialize_sft_dataset(rows, tiny_model_dir, tmp_path, lenient)
+    assert built.splits["train"] == 4 and built.dropped_reasons == {"too_long": 20}
+    # The share is not part of the fingerprint, so the stricter setting meets the same folder: it fails too.
+    with pytest.raises(ValueError, match="too_long: 20"):
+        materialize_sft_dataset(rows, tiny_model_dir, tmp_path, cfg)
+    with pytest.raises(ValueError, match="max_dropped_share"):
+        TokenizationConfig(max_dropped_share=1.5)
