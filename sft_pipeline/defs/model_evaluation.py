@@ -39,7 +39,7 @@ from sft_pipeline.tokenization.templates import TEMPLATES_DIR
 from sft_pipeline.training import TrainingResult
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 GROUP = "evaluation"
 
 
@@ -59,10 +59,26 @@ class ModelEvaluationConfig(EvaluationConfig):
     max_test_loss_increase: float = pydantic.Field(
         default=0.0, description="Gate: the tuned model's held-out test loss may exceed the base model's by at most this much."
     )
-    min_task_improvement: float = pydantic.Field(
+    min_task_improvement: float | None = pydantic.Field(
         default=0.0,
         description="Gate: tuned minus base held-out task score (exact match on classification rows, ROUGE-L on the others) "
-        "must be at least this; negative values tolerate a loss.",
+        "must be at least this; negative values tolerate a loss. A missing task score fails the gate; null: the task "
+        "score does not gate (needed with generation_rows 0).",
+    )
+    min_mmlu_questions: int = pydantic.Field(
+        default=30, ge=0,
+        description="Gate evidence: the MMLU accuracy delta counts only when both models scored at least this many "
+        "questions; fewer, or a missing/NaN delta, fails the gate. The default benchmark has 40.",
+    )
+    min_test_rows: int = pydantic.Field(
+        default=10, ge=0,
+        description="Gate evidence: the held-out test loss counts only when computed on at least this many test rows with "
+        "assistant tokens; fewer, an empty test split or a missing/NaN loss fails the gate. The demo's split has about 15.",
+    )
+    min_generation_rows: int = pydantic.Field(
+        default=10, ge=0,
+        description="Gate evidence: the held-out task score counts only when both models answered at least this many "
+        "rows (at most generation_rows); fewer fails the gate while min_task_improvement is set.",
     )
     generation_rows: int = pydantic.Field(
         default=16, description="Held-out test rows both models answer by greedy generation (task metrics); 0 turns generation off."
@@ -188,7 +204,9 @@ def model_evaluation(
     if base_model_evaluation.fingerprint != mmlu_benchmark.fingerprint:
         raise ValueError("base_model_evaluation scored another benchmark subset; rematerialize it first")
     questions, fewshot = _benchmark_frames(mmlu_benchmark)
-    gate = GateSettings(config.max_mmlu_drop, config.max_test_loss_increase, config.min_task_improvement)
+    gate = GateSettings(max_mmlu_drop=config.max_mmlu_drop, max_test_loss_increase=config.max_test_loss_increase,
+                        min_task_improvement=config.min_task_improvement, min_mmlu_questions=config.min_mmlu_questions,
+                        min_test_rows=config.min_test_rows, min_generation_rows=config.min_generation_rows)
     # The held-out split keeps only ids and messages; the curated and synthetic rows know each row's category.
     categories = read_row_categories([clean_instructions.file(ROWS_FILE), synthetic_instructions.file(ROWS_FILE)])
     result = evaluate_tuned_model(
@@ -212,7 +230,10 @@ def model_evaluation(
             params={**settings_params, "model": "tuned", "adapter_dir": fine_tuned_model.adapter_dir,
                     "base_model_revision": base_model.revision, "generation_rows": config.generation_rows,
                     "max_new_tokens": config.max_new_tokens, "max_mmlu_drop": config.max_mmlu_drop,
-                    "max_test_loss_increase": config.max_test_loss_increase, "min_task_improvement": config.min_task_improvement,
+                    "max_test_loss_increase": config.max_test_loss_increase,
+                    "min_task_improvement": config.min_task_improvement,
+                    "min_mmlu_questions": config.min_mmlu_questions, "min_test_rows": config.min_test_rows,
+                    "min_generation_rows": config.min_generation_rows,
                     "base_evaluation_run_id": base_model_evaluation.mlflow_run_id or ""},
             metrics=evaluation_metrics(result),
             tables=tables,

@@ -16,7 +16,11 @@ GENERATION_COLUMNS = ("id", "kind", "reference", "generation", "exact_match", "f
 
 
 def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> dict[str, Any]:
-    """Token-weighted mean cross-entropy over `labels != -100` of a tokenized split Parquet."""
+    """Token-weighted mean cross-entropy over `labels != -100` of a tokenized split Parquet.
+
+    Returns loss, perplexity, `num_tokens` (scored tokens) and `num_rows` (rows with at least one
+    scored token: the evidence the gate counts); loss and perplexity are None when nothing was scored.
+    """
     import torch
 
     frame = pd.read_parquet(parquet_path, columns=["input_ids", "attention_mask", "labels"])
@@ -28,6 +32,7 @@ def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> d
 
     total_loss = 0.0
     total_tokens = 0
+    scored_rows = 0
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))
     batch_size = max(1, int(batch_size))
     with torch.inference_mode():
@@ -54,12 +59,14 @@ def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> d
                 shift_logits, shift_labels, ignore_index=-100, reduction="sum"
             )
             total_loss += float(loss_sum)
-            total_tokens += int((shift_labels != -100).sum())
+            scored = labels[:, 1:] != -100
+            total_tokens += int(scored.sum())
+            scored_rows += int(scored.any(dim=1).sum())
 
     if total_tokens == 0:
         return {"loss": None, "perplexity": None, "num_tokens": 0}
     loss = total_loss / total_tokens
-    return {"loss": loss, "perplexity": _safe_exp(loss), "num_tokens": total_tokens}
+    return {"loss": loss, "perplexity": _safe_exp(loss), "num_tokens": total_tokens, "num_rows": scored_rows}
 
 
 def _safe_exp(x: float) -> float:

@@ -1,5 +1,6 @@
 """Evaluating a tuned model against its base: MMLU with a paired comparison, held-out loss and task
-metrics of both models, and the gate verdict. Plain inputs and outputs; the Dagster asset only maps them."""
+metrics of both models, and the gate verdict. Plain inputs and outputs; the Dagster asset only maps them.
+`GateSettings` lives with the rule in `gate` and is re-exported here."""
 
 from __future__ import annotations
 
@@ -10,20 +11,11 @@ from typing import Any
 import pandas as pd
 
 from sft_pipeline.evaluation.answer_metrics import TASK_METRIC_KEYS, compare_task_metrics
-from sft_pipeline.evaluation.gate import gate_verdict
+from sft_pipeline.evaluation.gate import GateSettings, gate_verdict
 from sft_pipeline.evaluation.heldout import evaluate_generations, generation_rows, heldout_loss, side_by_side_generations
 from sft_pipeline.evaluation.scoring import score_multiple_choice, summarize_accuracy
 from sft_pipeline.evaluation.statistics import compare_evaluations
 from sft_pipeline.modeling import load_model_for_eval
-
-
-@dataclass
-class GateSettings:
-    """The thresholds a tuned model must meet to be promoted."""
-
-    max_mmlu_drop: float = 0.05
-    max_test_loss_increase: float = 0.0
-    min_task_improvement: float = 0.0
 
 
 @dataclass
@@ -83,8 +75,10 @@ def evaluate_tuned_model(
     if base_gen is not None:
         task = compare_task_metrics(base_gen, tuned_gen)
         base["task"], tuned["task"] = task["base"], task["tuned"]
-    passed, reasons = gate_verdict(comparison, base_test, tuned["test"], gate.max_mmlu_drop, gate.max_test_loss_increase,
-                                   (task or {}).get("delta", {}).get("score"), gate.min_task_improvement)
+    # Without both prediction tables there is no paired count; the smaller summary bounds what both scored.
+    paired_n = (comparison.get("paired") or {}).get("n")
+    mmlu_questions = paired_n if paired_n is not None else min(int(base.get("num_questions") or 0), int(tuned.get("num_questions") or 0))
+    passed, reasons = gate_verdict(comparison, base_test, tuned["test"], gate, task, mmlu_questions=mmlu_questions)
     return TunedEvaluation(
         tuned=tuned, base=base, comparison=comparison, gate={"passed": passed, "reasons": reasons}, task=task,
         predictions=predictions, generations=side_by_side_generations(base_gen, tuned_gen) if base_gen is not None else None,

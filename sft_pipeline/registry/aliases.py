@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import math
 import tempfile
 import time
 import uuid
@@ -99,17 +100,24 @@ def alias_history(tracking_uri: str, model_name: str, alias: str | None = None) 
 
 
 def _version_score(client, model_name: str, version: int, metric: str) -> float | None:
+    """The version's finite score on `metric`, else None: NaN compares false both ways and an infinity
+    beats everything, so either would decide a comparison it says nothing about."""
     mv = client.get_model_version(model_name, str(version))
     raw = mv.tags.get(f"{SCORE_PREFIX}{metric}")
-    if raw is not None:
-        try:
-            return float(raw)
-        except ValueError:
-            return None
-    if mv.run_id:
-        value = client.get_run(mv.run_id).data.metrics.get(metric)
-        return float(value) if value is not None else None
-    return None
+    if raw is None and mv.run_id:
+        raw = client.get_run(mv.run_id).data.metrics.get(metric)
+    try:
+        value = float(raw) if raw is not None else None
+    except (TypeError, ValueError):
+        return None
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _gate_verdict_is_pass(gate_passed: Any) -> bool:
+    # Only a real True passes: a verdict read back from a tag ("False") or a NaN metric is truthy.
+    import numpy as np
+
+    return isinstance(gate_passed, (bool, np.bool_)) and bool(gate_passed)
 
 
 def _beats(score: float | None, other: float | None, higher_is_better: bool) -> bool:
@@ -136,10 +144,11 @@ def promote_if_better(
     """Compare-and-set: move `alias` to `version` only if the gate passed and it beats the holder.
 
     Beating means a strictly better `metric` (a ``score.<metric>`` version tag, else the run's
-    metric); a holder without a score is beaten by any scored version; with `metric` None the
-    gate alone decides. Under `registry_lock` the holder is read, compared, the alias set and
-    read back; if another writer moved it in between, the comparison is redone (at most
-    `max_attempts` times). The decision and its reason are tagged on the version
+    metric); a NaN or infinite score counts as no score: a version without one is never promoted,
+    a holder without one is beaten by any scored version; with `metric` None the gate alone
+    decides. Only a boolean True `gate_passed` lets the comparison happen at all. Under
+    `registry_lock` the holder is read, compared, the alias set and read back; if another writer
+    moved it in between, the comparison is redone (at most `max_attempts` times). The decision and its reason are tagged on the version
     (``sft_pipeline.promotion.<alias>``, ``...reason``) and every move lands in the alias history.
     """
     return _decide_promotion(tracking_uri, model_name, int(version), alias, metric, higher_is_better,
@@ -152,12 +161,12 @@ def _decide_promotion(tracking_uri, model_name, version, alias, metric, higher_i
     version = int(version)
     score = _version_score(client, model_name, version, metric) if metric else None
     decision: PromotionDecision | None = None
-    if not gate_passed:
-        reasons = "; ".join(gate_reasons or []) or "the evaluation gate did not pass"
+    if not _gate_verdict_is_pass(gate_passed):
+        reasons = "; ".join(gate_reasons or []) or f"the evaluation gate did not pass (verdict {gate_passed!r})"
         decision = PromotionDecision(alias, version, False, f"gate failed: {reasons}", metric=metric, score=score,
                                      previous_version=_current_alias_version(client, model_name, alias))
     elif metric and score is None:
-        decision = PromotionDecision(alias, version, False, f"version {version} has no score for {metric!r}",
+        decision = PromotionDecision(alias, version, False, f"version {version} has no finite score for {metric!r}",
                                      metric=metric, previous_version=_current_alias_version(client, model_name, alias))
     attempt = 0
     while decision is None:

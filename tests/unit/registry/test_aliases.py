@@ -61,4 +61,39 @@ def test_lower_is_better_ties_and_manual_rollback(store):
     assert int(get_model_version_by_alias(uri, "loss", "champion").version) == 1
     assert alias_history(uri, "loss", "champion")[-1]["reason"].startswith("rollback")
     missing = promote_if_better(uri, "loss", 3, metric="f1")
-    assert not missing.promoted and "no score" in missing.reason
+    assert not missing.promoted and "no finite score" in missing.reason
+
+
+def test_a_nan_or_infinite_score_never_wins_a_promotion(store):
+    uri, _ = store
+    nan, inf = float("nan"), float("inf")
+    bare_versions(uri, "nan-scores", [nan, 0.5, nan, inf, 0.6])
+    first = promote_if_better(uri, "nan-scores", 1, metric="acc")
+    assert not first.promoted and "no finite score" in first.reason
+    assert alias_history(uri, "nan-scores", "champion") == []
+    assert promote_if_better(uri, "nan-scores", 2, metric="acc").promoted
+    for version in (3, 4):  # NaN compares false both ways and inf beats everything: neither may take it
+        decision = promote_if_better(uri, "nan-scores", version, metric="acc")
+        assert not decision.promoted and "no finite score" in decision.reason, decision
+    assert int(get_model_version_by_alias(uri, "nan-scores", "champion").version) == 2
+    assert promote_if_better(uri, "nan-scores", 5, metric="acc").promoted  # an honest, better score still wins
+
+
+def test_a_nan_champion_is_beaten_by_any_finite_score(store):
+    uri, _ = store
+    bare_versions(uri, "nan-holder", [float("nan"), 0.1])
+    set_alias(uri, "nan-holder", "champion", 1, reason="set by hand before scores were checked")
+    decision = promote_if_better(uri, "nan-holder", 2, metric="acc", higher_is_better=False)
+    assert decision.promoted and decision.previous_version == 1 and decision.previous_score is None, decision
+
+
+def test_no_promotion_unless_the_gate_verdict_is_true(store):
+    uri, _ = store
+    bare_versions(uri, "gated", [0.9, 0.95])
+    for verdict in (False, None, "False", "false", 0, 1, float("nan"), "True"):
+        decision = promote_if_better(uri, "gated", 1, metric="acc", gate_passed=verdict, gate_reasons=["held-out test loss is missing"])
+        assert not decision.promoted and decision.reason.startswith("gate failed"), (verdict, decision)
+    assert alias_history(uri, "gated", "champion") == []
+    failed = promote_if_better(uri, "gated", 1, metric="acc", gate_passed=False, gate_reasons=["held-out test loss is missing"])
+    assert failed.reason == "gate failed: held-out test loss is missing"
+    assert promote_if_better(uri, "gated", 2, metric="acc", gate_passed=True).promoted
