@@ -43,6 +43,14 @@ def decode(payload: dict[str, Any]) -> Any:
     return cls(**{k: v for k, v in data.items() if k in names})
 
 
+def identity(value: Any) -> str:
+    """The digest that identifies a hand-off's content (its asset's data version)."""
+    for name in ("digest", "content_hash", "weights_hash", "model_sha256"):
+        if getattr(value, name, None):
+            return str(getattr(value, name))
+    return ""
+
+
 def _write_atomically(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{path.name}")
@@ -71,18 +79,25 @@ class HandoffIOManager(dg.ConfigurableIOManager):
     def load_input(self, context: dg.InputContext) -> Any:
         key = context.asset_key
         run_id = self._current_run_id(context)
-        if run_id is not None and self._path(key, run_id).is_file():
-            return self._read(self._path(key, run_id))
-        event = context.instance.get_latest_materialization_event(key)
-        if event is None:
-            raise FileNotFoundError(f"{key.to_user_string()} was never materialized: materialize it first")
-        path = self._path(key, event.run_id)
+        source_run = run_id
+        if run_id is None or not self._path(key, run_id).is_file():
+            event = context.instance.get_latest_materialization_event(key)
+            if event is None:
+                raise FileNotFoundError(f"{key.to_user_string()} was never materialized: materialize it first")
+            source_run = event.run_id
+        path = self._path(key, source_run)
         if not path.is_file():
             raise FileNotFoundError(
-                f"{key.to_user_string()}: its latest materialization (run {event.run_id}) left no hand-off at {path}; "
+                f"{key.to_user_string()}: its latest materialization (run {source_run}) left no hand-off at {path}; "
                 "it was written under another artifact root or by an older version: rematerialize it"
             )
-        return self._read(path)
+        value = self._read(path)
+        if run_id is not None:
+            # What this step really read. Dagster's own `input_data_version` tag is the upstream asset's latest
+            # materialization when the step started, which another run may have replaced in between.
+            context.add_input_metadata({"handoff": dg.MetadataValue.path(str(path)), "materialized_by_run": source_run,
+                                        "digest": identity(value)})
+        return value
 
     @staticmethod
     def _current_run_id(context: dg.InputContext) -> str | None:

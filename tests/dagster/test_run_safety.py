@@ -1,0 +1,216 @@
+"""Overlapping runs never mix data, and a killed step never leaves a file that a later step trusts.
+
+The first test interleaves two runs deterministically: run B (other raw data) runs to completion
+between run A's `raw_instructions` and the moment A's `clean_instructions` loads its input. The others
+SIGKILL a materialization in a child process while it writes a persisted output (mid-file), then show
+that what a later step loads is the last recorded, complete output, and that the left-over staging
+folder is removed by the next writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import dagster as dg
+import pandas as pd
+import pytest
+
+from sft_pipeline.definitions import build_definitions
+from sft_pipeline.defs.io_manager import HandoffIOManager
+from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
+from sft_pipeline.outputs import ROWS_FILE, STAGING_PREFIX
+
+REPO = Path(__file__).resolve().parents[2]
+CURATION = ["raw_instructions", "mmlu_benchmark", "clean_instructions", "rejected_instructions"]
+
+
+def write_source(path: Path, prefix: str, n: int) -> Path:
+    records = [{"instruction": f"{prefix} question number {i}: explain topic {i} of {prefix} in one sentence?", "input": "",
+                "output": f"A careful {prefix} answer to question {i}, with a detail about topic {i}."} for i in range(n)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def curation_config(source: Path) -> dict:
+    return {"ops": {
+        "raw_instructions": {"config": {"sources": [{"path": str(source), "name": source.stem}]}},
+        "mmlu_benchmark": {"config": {"subjects": ["astronomy"], "questions_per_subject": 2}},
+    }}
+
+
+def run_subset(defs, keys, run_config, instance):
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(k) for k in keys})
+    return job.execute_in_process(run_config=run_config, instance=instance, raise_on_error=False)
+
+
+def test_overlapping_runs_each_read_their_own_upstream_outputs(tmp_path, monkeypatch):
+    storage = PipelineStorage(root=str(tmp_path / "artifacts"))
+    defs = build_definitions(storage, MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    source_a = write_source(tmp_path / "run_a.jsonl", "alpha", 40)
+    source_b = write_source(tmp_path / "run_b.jsonl", "beta", 26)
+    runs = {}
+    original_load = HandoffIOManager.load_input
+
+    def load_after_run_b(self, context):
+        # The first time run A's clean step loads raw_instructions, run B runs from start to end.
+        if context.asset_key == dg.AssetKey("raw_instructions") and "b" not in runs:
+            runs["b"] = run_subset(defs, CURATION, curation_config(source_b), instance)
+        return original_load(self, context)
+
+    monkeypatch.setattr(HandoffIOManager, "load_input", load_after_run_b)
+    with dg.instance_for_test() as instance:
+        runs["a"] = run_subset(defs, CURATION, curation_config(source_a), instance)
+
+    for name, source, n in (("a", source_a, 40), ("b", source_b, 26)):
+        result = runs[name]
+        assert result.success, name
+        raw = result.output_for_node("raw_instructions")
+        clean = result.output_for_node("curated_instructions", "clean_instructions")
+        rejected = result.output_for_node("curated_instructions", "rejected_instructions")
+        # Each run's clean step read exactly its own raw records: none vanished, none came from the other run.
+        assert raw.records_read == n and clean.records_in == n, name
+        assert clean.rows + rejected.rows == n, name
+        rows = pd.read_parquet(clean.file(ROWS_FILE))
+        assert set(rows["source"]) == {source.stem}, name
+        # Lineage: the run's log records which hand-off each step loaded, with its digest and producing run.
+        loaded = [e for e in result.all_events if e.event_type_value == "LOADED_INPUT" and e.step_key == "curated_instructions"
+                  and e.event_specific_data.input_name == "raw_instructions"]
+        assert len(loaded) == 1, name
+        metadata = loaded[0].event_specific_data.metadata
+        assert metadata["digest"].value == raw.digest and metadata["materialized_by_run"].value == result.run_id, name
+    assert runs["a"].output_for_node("raw_instructions").path != runs["b"].output_for_node("raw_instructions").path
+
+
+CHILD = textwrap.dedent('''
+    """Materialize an asset selection on DAGSTER_HOME and block forever in the middle of writing a Parquet file
+    whose path contains a fragment: the parent kills this process there."""
+    import json, os, sys, time
+    import dagster as dg
+    import pyarrow.parquet as pq
+
+    marker, fragment, root, tracking, keys, run_config = sys.argv[1:7]
+    original = pq.ParquetWriter.write_table
+
+    def write_then_block(self, table, *args, **kwargs):
+        original(self, table, *args, **kwargs)
+        if fragment in str(self.where):
+            # The file is half written (no footer yet): tell the parent where we are, then wait to be killed.
+            open(marker, "w").write(str(self.where))
+            time.sleep(600)
+
+    pq.ParquetWriter.write_table = write_then_block
+    from sft_pipeline.definitions import build_definitions
+    from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
+
+    defs = build_definitions(PipelineStorage(root=root), MlflowTracking(tracking_uri=tracking))
+    job = defs.resolve_implicit_global_asset_job_def().get_subset(asset_selection={dg.AssetKey(k) for k in keys.split(",")})
+    with dg.DagsterInstance.get() as instance:
+        job.execute_in_process(run_config=json.loads(run_config), instance=instance)
+''')
+
+
+def kill_while_writing(tmp_path, fragment, keys, run_config, root, tracking) -> Path:
+    """Run the child until it is inside the write of a file matching `fragment`, SIGKILL it by pid,
+    and return the half-written file's path."""
+    marker = tmp_path / f"writing-{fragment.replace('/', '_')}"
+    marker.unlink(missing_ok=True)
+    script = tmp_path / "child.py"
+    script.write_text(CHILD)
+    env = {**os.environ, "DAGSTER_HOME": str(tmp_path / "dagster_home"), "PYTHONPATH": str(REPO)}
+    child = subprocess.Popen([sys.executable, str(script), str(marker), fragment, root, tracking, ",".join(keys), json.dumps(run_config)],
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        # Bounded by the child's own progress, not by a wall-clock budget: it either reaches the write or exits.
+        while not marker.exists():
+            if child.poll() is not None:
+                raise AssertionError(f"the child exited ({child.returncode}) before writing {fragment}:\n{child.stderr.read()[-3000:]}")
+            time.sleep(0.2)
+        os.kill(child.pid, signal.SIGKILL)
+        child.wait()
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert child.returncode == -signal.SIGKILL
+    return Path(marker.read_text())
+
+
+@pytest.fixture
+def persistent(tmp_path, monkeypatch):
+    """A persistent instance (DAGSTER_HOME) shared by this process and the child that gets killed."""
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    monkeypatch.setenv("DAGSTER_HOME", str(home))
+    root = str(tmp_path / "artifacts")
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    defs = build_definitions(PipelineStorage(root=root), MlflowTracking(tracking_uri=tracking))
+    with dg.DagsterInstance.get() as instance:
+        yield defs, instance, root, tracking
+
+
+@pytest.mark.parametrize("fragment", ["clean_instructions/", "rejected_instructions/", "raw_instructions/"])
+def test_kill_during_a_curation_write_leaves_the_recorded_output_in_force(tmp_path, persistent, fragment):
+    defs, instance, root, tracking = persistent
+    good = run_subset(defs, CURATION, curation_config(write_source(tmp_path / "good.jsonl", "good", 30)), instance)
+    assert good.success
+    recorded = {key: defs.load_asset_value(key, instance=instance) for key in ("raw_instructions", "clean_instructions", "rejected_instructions")}
+
+    other = curation_config(write_source(tmp_path / "other.jsonl", "other", 50))
+    half_written = kill_while_writing(tmp_path, fragment, CURATION, other, root, tracking)
+    assert half_written.parent.name.startswith(STAGING_PREFIX)  # it was never in a folder anyone is handed
+
+    # A later step is handed the last recorded, complete outputs: same folders, files intact.
+    for key, before in recorded.items():
+        after = defs.load_asset_value(key, instance=instance)
+        assert after == before, key
+        after.verify()
+    assert len(pd.read_parquet(recorded["clean_instructions"].file(ROWS_FILE))) == recorded["clean_instructions"].rows
+
+    # The next write under that folder removes the dead process's staging folder.
+    assert half_written.parent.exists()
+    again = run_subset(defs, CURATION, other, instance)
+    assert again.success
+    assert not half_written.parent.exists()
+    assert not list(Path(root).glob(f"*/{STAGING_PREFIX}*"))
+    assert again.output_for_node("curated_instructions", "clean_instructions").records_in == 50
+
+
+@pytest.mark.slow
+def test_kill_during_the_tokenized_dataset_write_leaves_the_recorded_dataset_in_force(tmp_path, persistent, tiny_model_dir):
+    defs, instance, root, tracking = persistent
+    keys = [*CURATION, "base_model", "synthetic_instructions", "sft_dataset"]
+
+    def config(source, max_length):
+        cfg = curation_config(source)
+        cfg["ops"].update({
+            "base_model": {"config": {"source": str(tiny_model_dir)}},
+            "synthetic_instructions": {"config": {"num_instructions": 0}},
+            "sft_dataset": {"config": {"max_length": max_length}},
+        })
+        return cfg
+
+    source = write_source(tmp_path / "good.jsonl", "good", 30)
+    good = run_subset(defs, keys, config(source, 256), instance)
+    assert good.success
+    recorded = defs.load_asset_value("sft_dataset", instance=instance)
+
+    # Other settings: another dataset folder, killed while its train split is half written.
+    half_written = kill_while_writing(tmp_path, "sft_dataset/", keys, config(source, 200), root, tracking)
+    assert STAGING_PREFIX in str(half_written)
+    after = defs.load_asset_value("sft_dataset", instance=instance)
+    assert after == recorded
+    from sft_pipeline.hashing import combine_digests, parquet_digest
+
+    assert combine_digests({Path(f).name: parquet_digest(f) for f in after.files.values()}) == after.content_hash
+
+    # Training's input is the recorded dataset; the next sft_dataset write removes the staging folder.
+    again = run_subset(defs, keys, config(source, 200), instance)
+    assert again.success
+    assert not list(Path(root).glob(f"sft_dataset/{STAGING_PREFIX}*"))
