@@ -71,7 +71,7 @@ class RawDataFolder(dg.ConfigurableResource):
 
     path: str = pydantic.Field(default_factory=default_raw_dir, description="Folder watched for new raw data files (env SFT_PIPELINE_RAW_DIR; default <project>/data/raw).")
     patterns: list[str] = pydantic.Field(
-        default_factory=lambda: ["*.jsonl", "*.json", "*.csv", "*.parquet"],
+        default_factory=lambda: ["*.jsonl", "*.json", "*.csv", "*.parquet", "*.jsonl.gz", "*.json.gz", "*.csv.gz"],
         description="Glob patterns (relative to the folder, searched recursively) of the files that count as raw data.",
     )
     include_seed_data: bool = pydantic.Field(default=False, description="Also ingest the packaged seed set when the folder has files.")
