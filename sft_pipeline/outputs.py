@@ -147,7 +147,10 @@ def folder_matches(folder: Path, digest: str, files: list[str]) -> bool:
     """Whether `folder` holds every named file and their digest is `digest`."""
     if not all((folder / name).is_file() for name in files):
         return False
-    return content_digest(folder, files) == digest
+    try:
+        return content_digest(folder, files) == digest
+    except Exception:  # an unreadable (truncated, overwritten) Parquet file: not a match
+        return False
 
 
 def write_output_folder(parent: str | Path, write: "callable[[Path], list[str]]") -> tuple[Path, str]:
@@ -183,7 +186,10 @@ class OutputInfo:
         missing = [name for name in self.files if not (folder / name).is_file()]
         if missing:
             raise OutputCorrupted(f"{folder}: missing {', '.join(missing)}; rematerialize the asset that wrote it")
-        actual = content_digest(folder, list(self.files))
+        try:
+            actual = content_digest(folder, list(self.files))
+        except Exception as exc:  # a truncated Parquet file cannot even be read
+            raise OutputCorrupted(f"{folder}: a file cannot be read ({exc}); rematerialize the asset that wrote it") from exc
         if actual != self.digest:
             raise OutputCorrupted(f"{folder}: files changed since they were written (digest {hashing.short(actual)}, "
                                   f"recorded {hashing.short(self.digest)}); rematerialize the asset that wrote it")

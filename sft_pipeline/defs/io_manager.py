@@ -92,6 +92,9 @@ class HandoffIOManager(dg.ConfigurableIOManager):
                 "it was written under another artifact root or by an older version: rematerialize it"
             )
         value = self._read(path)
+        if source_run != run_id and hasattr(value, "verify"):
+            # Written by an earlier run: its files must still be what was recorded before anything uses them.
+            value.verify()
         if run_id is not None:
             # What this step really read. Dagster's own `input_data_version` tag is the upstream asset's latest
             # materialization when the step started, which another run may have replaced in between.
