@@ -214,3 +214,26 @@ def test_kill_during_the_tokenized_dataset_write_leaves_the_recorded_dataset_in_
     again = run_subset(defs, keys, config(source, 200), instance)
     assert again.success
     assert not list(Path(root).glob(f"sft_dataset/{STAGING_PREFIX}*"))
+
+
+def test_a_damaged_output_is_refused_by_the_steps_of_later_runs(tmp_path):
+    from sft_pipeline.outputs import OutputCorrupted
+
+    storage = PipelineStorage(root=str(tmp_path / "artifacts"))
+    defs = build_definitions(storage, MlflowTracking(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"))
+    with dg.instance_for_test() as instance:
+        first = run_subset(defs, CURATION, curation_config(write_source(tmp_path / "good.jsonl", "good", 30)), instance)
+        assert first.success
+        clean = defs.load_asset_value("clean_instructions", instance=instance)
+        rows_path = clean.file(ROWS_FILE)
+        rows_path.write_bytes(rows_path.read_bytes()[:1500])  # truncate -s 1500
+        with pytest.raises(OutputCorrupted, match="rematerialize"):
+            defs.load_asset_value("clean_instructions", instance=instance)
+        # A later run's step that reads it fails instead of computing on the damaged file.
+        job = defs.resolve_implicit_global_asset_job_def().get_subset(
+            asset_check_selection={dg.AssetCheckKey(dg.AssetKey("clean_instructions"), "clean_instructions_match_expectations")},
+            asset_selection=set())
+        again = job.execute_in_process(instance=instance, raise_on_error=False)
+        assert not again.success
+        failure = next(e for e in again.all_events if e.event_type_value == "STEP_FAILURE")
+        assert "OutputCorrupted" in failure.step_failure_data.error.to_string()
