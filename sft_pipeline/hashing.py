@@ -115,8 +115,16 @@ class TableHasher:
             # Each value closed by NUL, so ["ab"] and ["a", "b"] differ; None is written as \x01\0.
             self._update(key, "".join("\x01\0" if v is None else v + "\0" for v in array.to_pylist())
                          .encode("utf-8", "surrogatepass"))
+        elif pa.types.is_null(kind):
+            self._update(key, f"null:{len(array)}\0".encode())
         else:
-            self._update(key, np.ascontiguousarray(array.to_numpy(zero_copy_only=False)).tobytes())
+            values = array.to_numpy(zero_copy_only=False)
+            if values.dtype == object:
+                # Object arrays would hash pointers: hash the values' text (None as \x01) instead.
+                self._update(key, "".join("\x01\0" if v is None else f"{v!r}\0" for v in array.to_pylist())
+                             .encode("utf-8", "surrogatepass"))
+            else:
+                self._update(key, np.ascontiguousarray(values).tobytes())
 
     def update(self, table) -> None:
         """Add the rows of a pyarrow Table or RecordBatch (always the same schema for one hasher)."""

@@ -53,3 +53,14 @@ def test_table_digest_is_independent_of_batching_and_row_groups(tmp_path):
     one.update(pa.table({"s": ["ab"]}))
     two.update(pa.table({"s": ["a", "b"]}))
     assert one.hexdigest() != two.hexdigest()
+
+
+def test_table_digest_of_null_and_mixed_columns_is_reproducible(tmp_path):
+    # All-null columns (e.g. the id of an unreadable record) and nullable numbers must not hash object pointers.
+    table = pa.table({"id": pa.array([None, None], type=pa.null()), "n": [1, None], "b": [True, None], "s": ["x", None]})
+    pq.write_table(table, tmp_path / "t.parquet")
+    digests = {hashing.parquet_digest(tmp_path / "t.parquet") for _ in range(5)}
+    assert len(digests) == 1
+    other = pa.table({"id": pa.array([None, None, None], type=pa.null()), "n": [1, None, 2], "b": [True, None, False], "s": ["x", None, "y"]})
+    pq.write_table(other, tmp_path / "o.parquet")
+    assert hashing.parquet_digest(tmp_path / "o.parquet") not in digests
