@@ -43,7 +43,7 @@ def tiny_run_config(model_dir: Path, **overrides) -> dict:
         "base_model": {"config": {"source": str(model_dir)}},
         "mmlu_benchmark": {"config": {"subjects": ["astronomy", "marketing"], "questions_per_subject": 4}},
         "synthetic_instructions": {"config": {"num_instructions": 2, "max_attempts": 4, "max_new_tokens_instruction": 16, "max_new_tokens_response": 16}},
-        "sft_dataset": {"config": {"max_length": 256}},
+        "sft_dataset": {"config": {"max_length": 1024}},
         "fine_tuned_model": {"config": {"max_steps": 3, "eval_steps": 2, "per_device_train_batch_size": 4}},
         "base_model_evaluation": {"config": {"batch_size": 4}},
         "model_evaluation": {"config": {"batch_size": 4}},
@@ -151,7 +151,7 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
     retrain = tiny_run_config(
         tiny_model_dir,
         fine_tuned_model={"config": {"max_steps": 4, "eval_steps": 2}},
-        sft_dataset={"config": {"max_length": 256, "synthetic_ratio": 0.0}},
+        sft_dataset={"config": {"max_length": 1024, "synthetic_ratio": 0.0}},
     )
     second = job.execute_in_process(run_config=retrain, instance=instance)
     assert second.success

@@ -61,6 +61,7 @@ def test_overlapping_runs_each_read_their_own_upstream_outputs(tmp_path, monkeyp
     def load_after_run_b(self, context):
         # The first time run A's clean step loads raw_instructions, run B runs from start to end.
         if context.asset_key == dg.AssetKey("raw_instructions") and "b" not in runs:
+            runs["b"] = None  # run B's own loads go straight through
             runs["b"] = run_subset(defs, CURATION, curation_config(source_b), instance)
         return original_load(self, context)
 
