@@ -32,7 +32,9 @@ from sft_pipeline.schema import make_reject, make_row
 log = logging.getLogger(__name__)
 
 PACKAGE_DATA = Path(__file__).parent.parent / "data"
-DEFAULT_SEED_FILES = ("seed_alpaca.jsonl", "seed_sharegpt.jsonl")
+# The embedded demo's data: general instructions in two input shapes, and the support-ticket triage task
+# (a JSON answer) that fine-tuning measurably improves.
+DEFAULT_SEED_FILES = ("seed_alpaca.jsonl", "seed_sharegpt.jsonl", "ticket_triage.jsonl")
 _SUPPORTED = "/".join((*FILE_SUFFIXES, *GZIP_SUFFIXES))
 
 
@@ -62,7 +64,7 @@ class IngestResult:
 
 
 def default_sources() -> list[SourceSpec]:
-    """The seed instruction set shipped in the package (two input shapes)."""
+    """The seed instruction sets shipped in the package."""
     return [SourceSpec(path=str(PACKAGE_DATA / name)) for name in DEFAULT_SEED_FILES]
 
 

@@ -55,3 +55,13 @@ def test_kept_rows_keep_provenance_and_get_fresh_ids():
     assert kept.iloc[0]["messages"] == [{"role": "user", "content": "Hello world"}, {"role": "assistant", "content": "Hi"}]
     assert kept.iloc[0]["source_file"] == "src.jsonl" and kept.iloc[0]["source_index"] == 3 and kept.iloc[0]["extra_column"] == "kept"
     assert kept.iloc[0]["id"] != rows.iloc[0]["id"] and kept.iloc[0]["prompt"] == "Hello world"
+
+
+def test_the_packaged_triage_set_has_no_duplicates_or_near_duplicates():
+    """Written, not generated from a few patterns: exact and MinHash near-dedup find nothing to remove."""
+    from sft_pipeline.ingest.sources import PACKAGE_DATA, SourceSpec, load_sources
+
+    rows = load_sources([SourceSpec(path=str(PACKAGE_DATA / "ticket_triage.jsonl"))]).rows
+    kept, rejected, report = clean_instructions(rows, CurationConfig())
+    assert len(rows) >= 400 and len(kept) == len(rows), rejected[["reason", "detail"]].head()
+    assert report.lsh_bands[0] > 0  # near-duplicate detection ran over the set

@@ -53,7 +53,16 @@ def test_packaged_seed_set_is_large_diverse_and_clean():
     categories = result.rows["category"].value_counts()
     for category in ["open_qa", "closed_qa", "classification", "summarization", "information_extraction", "brainstorming", "creative_writing", "code"]:
         assert categories.get(category, 0) >= 10, category
-    assert {"seed_alpaca", "seed_sharegpt"} == set(result.rows["source"])
+    assert {"seed_alpaca", "seed_sharegpt", "ticket_triage"} == set(result.rows["source"])
+    # The task set: balanced queues and urgencies, every answer the JSON the task metrics parse.
+    import json
+
+    triage = result.rows[result.rows["source"] == "ticket_triage"]
+    answers = [json.loads(r) for r in triage["response"]]
+    assert len(triage) >= 400 and set(triage["category"]) == {"ticket_triage"}
+    queues = pd.Series([a["queue"] for a in answers]).value_counts()
+    assert set(queues.index) == {"billing", "technical", "account", "shipping", "refund"} and queues.max() - queues.min() <= 5
+    assert set(a["urgency"] for a in answers) == {"low", "medium", "high"}
     multi_turn = result.rows["messages"].map(lambda m: sum(t["role"] == "assistant" for t in m) > 1)
     assert multi_turn.sum() >= 10
 
