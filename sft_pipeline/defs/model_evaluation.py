@@ -13,8 +13,10 @@ import pydantic
 from sft_pipeline.defs.metadata import markdown_table, png_markdown
 from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
 from sft_pipeline.evaluation.cache import SCORING_VERSION, base_evaluation_key, load_cached_base_evaluation, save_base_evaluation
-from sft_pipeline.evaluation.heldout import read_row_categories
+from sft_pipeline.evaluation.answer_metrics import TASK_METRIC_KEYS
+from sft_pipeline.evaluation.heldout import MAX_GENERATION_ROWS, generation_limit, read_row_categories
 from sft_pipeline.evaluation.mlflow_log import flatten_metrics, log_evaluation_run
+from sft_pipeline.evaluation.report import comparison_markdown, comparison_rows, gate_markdown
 from sft_pipeline.evaluation.scoring import score_multiple_choice, summarize_accuracy
 from sft_pipeline.evaluation.tuned import GateSettings, evaluate_tuned_model, evaluation_metrics
 from sft_pipeline.model_resolution import BaseModelInfo
@@ -39,7 +41,7 @@ from sft_pipeline.tokenization.templates import TEMPLATES_DIR
 from sft_pipeline.training import TrainingResult
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "4"
+CODE_VERSION = "5"
 GROUP = "evaluation"
 
 
@@ -61,9 +63,22 @@ class ModelEvaluationConfig(EvaluationConfig):
     )
     min_task_improvement: float | None = pydantic.Field(
         default=0.0,
-        description="Gate: tuned minus base held-out task score (exact match on classification rows, ROUGE-L on the others) "
-        "must be at least this; negative values tolerate a loss. A missing task score fails the gate; null: the task "
-        "score does not gate (needed with generation_rows 0).",
+        description="Gate: the tuned model must improve the primary held-out metric significantly (mean paired "
+        "difference > 0, paired test p < alpha) and by at least this much (0: any significant gain). A missing "
+        "measurement fails the gate; null: the task metric does not gate (needed with generation_rows -1).",
+    )
+    primary_metric: str = pydantic.Field(
+        default="exact_match",
+        description="Gate: the held-out metric the task criterion tests, paired over the rows both models answered. "
+        "exact_match: every JSON field equal (structured rows) or the label equal (classification rows); "
+        "field_accuracy: share of JSON fields equal (0 when invalid); valid: the answer is a JSON object with the "
+        "reference's keys; rouge_l, f1: free-text overlap; score: exact match on checkable rows, ROUGE-L on free text. "
+        "0/1 metrics are tested with the exact McNemar test, others with a paired sign-flip permutation test.",
+    )
+    alpha: float = pydantic.Field(
+        default=0.05, gt=0.0, lt=1.0,
+        description="Gate: significance level of the task test (two-sided p < alpha with a positive effect) and of "
+        "the MMLU forgetting guard (fails when the one-sided McNemar p that the tuned model is worse is < alpha).",
     )
     min_mmlu_questions: int = pydantic.Field(
         default=30, ge=0,
@@ -73,17 +88,27 @@ class ModelEvaluationConfig(EvaluationConfig):
     min_test_rows: int = pydantic.Field(
         default=10, ge=0,
         description="Gate evidence: the held-out test loss counts only when computed on at least this many test rows with "
-        "assistant tokens; fewer, an empty test split or a missing/NaN loss fails the gate. The demo's split has about 15.",
+        "assistant tokens; fewer, an empty test split or a missing/NaN loss fails the gate.",
     )
     min_generation_rows: int = pydantic.Field(
         default=10, ge=0,
-        description="Gate evidence: the held-out task score counts only when both models answered at least this many "
-        "rows (at most generation_rows); fewer fails the gate while min_task_improvement is set.",
+        description="Gate evidence: the primary held-out metric counts only when both models answered at least this many "
+        "rows that have it; fewer fails the gate while min_task_improvement is set.",
     )
     generation_rows: int = pydantic.Field(
-        default=16, description="Held-out test rows both models answer by greedy generation (task metrics); 0 turns generation off."
+        default=0, ge=-1,
+        description="Held-out test rows both models answer by greedy generation (task metrics): 0 = every row of the "
+        "test split (at most max_generation_rows), n = the first n by id, -1 = no generation (then set "
+        "min_task_improvement to null).",
     )
-    max_new_tokens: int = pydantic.Field(default=64, description="Longest generated answer, in tokens.")
+    max_generation_rows: int = pydantic.Field(
+        default=MAX_GENERATION_ROWS, ge=1, description="Cap on the rows answered when generation_rows is 0 (first by id)."
+    )
+    max_new_tokens: int = pydantic.Field(
+        default=64,
+        description="Longest generated answer, in tokens, for free-text rows. Structured (JSON) and classification rows "
+        "stop at their longest reference plus 16 tokens, at most this.",
+    )
     sample_generations: int = pydantic.Field(default=5, description="Generations shown side by side in the metadata.")
 
 
@@ -123,6 +148,33 @@ def _groups_table(summary: dict, key: str, label: str) -> dg.MetadataValue:
 
 def _ci_text(ci) -> str:
     return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "n/a"
+
+
+def _comparison_chart(rows: list[dict]) -> dg.MetadataValue:
+    """Base vs tuned per metric (the rows of `comparison_rows`), each value with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in rows if r.get("base") is not None and r.get("tuned") is not None]
+    figure, axis = plt.subplots(figsize=(7, 0.7 * len(rows) + 1.6), layout="constrained")
+    labels = [f"{r['label']} (primary)" if r.get("primary") else r["label"] for r in rows][::-1]
+    for offset, side, color in ((-0.17, "base", "#9aa5b1"), (0.17, "tuned", "#4f6bed")):
+        ys = [i + offset for i in range(len(rows))]
+        values = [float(r[side]) for r in rows][::-1]
+        cis = [r.get(f"{side}_ci") or [r[side], r[side]] for r in rows][::-1]
+        errors = [[max(0.0, v - ci[0]) for v, ci in zip(values, cis)], [max(0.0, ci[1] - v) for v, ci in zip(values, cis)]]
+        axis.barh(ys, values, height=0.34, color=color, label=side)
+        axis.errorbar(values, ys, xerr=errors, fmt="none", ecolor="black", capsize=3, linewidth=1)
+        for y, v, ci in zip(ys, values, cis):
+            axis.text(max(v, ci[1]) + 0.015, y, f"{v:.2f}", va="center", fontsize=8)
+    axis.set_yticks(range(len(rows)), labels)
+    axis.set_xlim(0, 1.12)
+    axis.set_xlabel("score, with 95% confidence interval")
+    axis.set_title("base vs tuned, held-out task and MMLU")
+    figure.legend(loc="outside lower center", ncol=2, frameon=False)
+    return png_markdown(figure)
 
 
 @dg.asset(code_version=CODE_VERSION, group_name=GROUP, kinds={"pytorch"}, pool="gpu")
@@ -206,14 +258,16 @@ def model_evaluation(
     questions, fewshot = _benchmark_frames(mmlu_benchmark)
     gate = GateSettings(max_mmlu_drop=config.max_mmlu_drop, max_test_loss_increase=config.max_test_loss_increase,
                         min_task_improvement=config.min_task_improvement, min_mmlu_questions=config.min_mmlu_questions,
-                        min_test_rows=config.min_test_rows, min_generation_rows=config.min_generation_rows)
+                        min_test_rows=config.min_test_rows, min_generation_rows=config.min_generation_rows,
+                        primary_metric=config.primary_metric, alpha=config.alpha)
     # The held-out split keeps only ids and messages; the curated and synthetic rows know each row's category.
     categories = read_row_categories([clean_instructions.file(ROWS_FILE), synthetic_instructions.file(ROWS_FILE)])
     result = evaluate_tuned_model(
         base_model.path, {"adapter_dir": fine_tuned_model.adapter_dir, "model_dir": fine_tuned_model.model_dir},
         questions, fewshot, mmlu_benchmark.prompt_format, base_model_evaluation.summary,
         pd.read_parquet(base_model_evaluation.file(PREDICTIONS_FILE)), sft_dataset.files["test"], categories, gate,
-        batch_size=config.batch_size, generation_rows_limit=config.generation_rows, max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size, generation_rows_limit=generation_limit(config.generation_rows, config.max_generation_rows),
+        max_new_tokens=config.max_new_tokens,
         chat_template=_chat_template(sft_dataset),
     )
     tuned, base, comparison, task = result.tuned, result.base, result.comparison, result.task
@@ -229,7 +283,8 @@ def model_evaluation(
             mlflow_tracking.tracking_uri, mlflow_tracking.experiment, f"eval-{context.run_id[:8]}",
             params={**settings_params, "model": "tuned", "adapter_dir": fine_tuned_model.adapter_dir,
                     "base_model_revision": base_model.revision, "generation_rows": config.generation_rows,
-                    "max_new_tokens": config.max_new_tokens, "max_mmlu_drop": config.max_mmlu_drop,
+                    "max_generation_rows": config.max_generation_rows, "max_new_tokens": config.max_new_tokens,
+                    "primary_metric": config.primary_metric, "alpha": config.alpha, "max_mmlu_drop": config.max_mmlu_drop,
                     "max_test_loss_increase": config.max_test_loss_increase,
                     "min_task_improvement": config.min_task_improvement,
                     "min_mmlu_questions": config.min_mmlu_questions, "min_test_rows": config.min_test_rows,
@@ -261,6 +316,8 @@ def model_evaluation(
                                gate=result.gate, task=task, settings=settings_params, mlflow_run_id=run_id)
     per_subject = {s: {"base": base["per_subject"][s]["accuracy"], "tuned": v["accuracy"]} for s, v in tuned["per_subject"].items() if s in base["per_subject"]}
     paired = comparison.get("paired") or {"p_value": None, "delta_ci": None, "tuned_only_correct": 0, "base_only_correct": 0}
+    rows = comparison_rows(comparison, task, config.primary_metric, base, tuned)
+    gate_task, gate_mmlu = result.gate.get("task") or {}, result.gate.get("mmlu") or {}
     metadata = {
         "path": dg.MetadataValue.path(str(folder)),
         "mlflow_run_id": run_id or "",
@@ -279,15 +336,34 @@ def model_evaluation(
         "test_perplexity": (tuned.get("test") or {}).get("perplexity"),
         "gate_passed": passed,
         "gate_reasons": "; ".join(reasons) or "all gates passed",
+        "gate": dg.MetadataValue.md(gate_markdown(result.gate)),
+        "gate_primary_metric": config.primary_metric,
+        "gate_n": int(gate_task["n"]) if gate_task.get("n") is not None else 0,
+        "gate_effect": _number(gate_task.get("effect")),
+        "gate_effect_ci95": _ci_text(gate_task.get("effect_ci")),
+        "gate_p_value": _number(gate_task.get("p_value")),
+        "gate_test": gate_task.get("test") or "none",
+        "gate_mmlu_p_value_tuned_worse": _number(gate_mmlu.get("p_value")),
+        "base_vs_tuned": dg.MetadataValue.md(comparison_markdown(rows)),
+        "base_vs_tuned_chart": _comparison_chart(rows) if rows else dg.MetadataValue.md("_(no measurements)_"),
         "per_subject_accuracy": _accuracy_chart(per_subject) if per_subject else dg.MetadataValue.md("_(no subjects)_"),
         "per_category": _groups_table(tuned, "per_category", "category"),
     }
     if task is not None:
         metadata["task_score"] = task["tuned"]["score"]
         metadata["task_score_base"] = task["base"]["score"]
-        metadata["task_metrics"] = markdown_table(pd.DataFrame([{"model": side, **{k: task[side][k] for k in ("rows", "exact_match", "f1", "rouge_l", "score")}}
-                                                                for side in ("base", "tuned")]))
+        metadata["task_metrics"] = markdown_table(pd.DataFrame(
+            [{"model": side, "rows": task[side]["rows"], **{k: task[side][k] for k in TASK_METRIC_KEYS}} for side in ("base", "tuned")]
+        ).round(4))
         metadata["sample_generations"] = markdown_table(
-            result.generations[["kind", "reference", "base_generation", "tuned_generation", "base_score", "tuned_score"]].round(3),
+            result.generations[["category", "kind", "reference", "base_generation", "tuned_generation", "base_score", "tuned_score"]].round(3),
             max_rows=max(0, config.sample_generations), max_chars=160)
     return dg.MaterializeResult(value=info, metadata=metadata, data_version=dg.DataVersion(digest))
+
+
+def _number(value) -> float:
+    """A metadata float: NaN stands for a missing measurement (Dagster shows it as such)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")

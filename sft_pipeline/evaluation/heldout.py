@@ -8,11 +8,16 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import pandas as pd
 
-from sft_pipeline.evaluation.answer_metrics import score_generations, task_kind
+from sft_pipeline.evaluation.answer_metrics import ROW_METRICS, row_kinds, score_generations
 from sft_pipeline.modeling import forward_params, generate_responses, model_device
 
-GENERATION_ROW_COLUMNS = ("id", "messages", "kind")
-GENERATION_COLUMNS = ("id", "kind", "reference", "generation", "exact_match", "f1", "rouge_l", "score")
+GENERATION_ROW_COLUMNS = ("id", "messages", "category", "kind")
+GENERATION_COLUMNS = ("id", "category", "kind", "reference", "generation", *ROW_METRICS)
+# Kinds whose answers are short and checkable: their generations stop at the longest reference plus this margin.
+SHORT_ANSWER_KINDS = ("structured", "classification")
+ANSWER_TOKEN_MARGIN = 16
+# `generation_rows` 0 (every held-out row) stops at this many rows unless told otherwise.
+MAX_GENERATION_ROWS = 1000
 
 
 def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> dict[str, Any]:
@@ -88,6 +93,15 @@ def generation_prompts(messages_list: Sequence[Any]) -> list[tuple[list[dict[str
     return out
 
 
+def answer_token_budget(tokenizer: Any, references: Sequence[str], max_new_tokens: int,
+                        margin: int = ANSWER_TOKEN_MARGIN) -> int:
+    """New tokens for short checkable answers: the longest reference in tokens plus `margin`, at most
+    `max_new_tokens` (a JSON triage answer needs about 15 tokens; a model that rambles is cut off early
+    instead of writing `max_new_tokens` tokens of prose)."""
+    longest = max((len(tokenizer.encode(str(r), add_special_tokens=False)) for r in references), default=0)
+    return max(1, min(int(max_new_tokens), longest + int(margin)))
+
+
 def evaluate_generations(
     model: Any,
     tokenizer: Any,
@@ -96,16 +110,29 @@ def evaluate_generations(
     batch_size: int = 8,
     chat_template: str | None = None,
 ) -> pd.DataFrame:
-    """Generate for held-out rows (columns id, messages, kind) and score each against its reference.
+    """Greedy, batched generations for held-out rows (columns id, messages, kind; category optional), each
+    scored against its reference (`answer_metrics.score_row`).
 
-    Returns id, kind, reference, generation, exact_match, f1, rouge_l, score.
+    Structured and classification rows are generated together with `answer_token_budget` new tokens, free-text
+    rows with `max_new_tokens`. Returns `GENERATION_COLUMNS`: id, category, kind, reference, generation and
+    the per-row metrics, in the order of `test_rows`.
     """
     prompts = generation_prompts(test_rows["messages"])
-    generations = generate_responses(model, tokenizer, [c for c, _ in prompts], max_new_tokens, batch_size, chat_template)
-    references = [r for _, r in prompts]
-    scored = score_generations(references, generations, list(test_rows["kind"]))
+    contexts, references = [c for c, _ in prompts], [r for _, r in prompts]
+    kinds = [str(k) for k in test_rows["kind"]]
+    generations = [""] * len(prompts)
+    short = [i for i, k in enumerate(kinds) if k in SHORT_ANSWER_KINDS]
+    free = [i for i, k in enumerate(kinds) if k not in SHORT_ANSWER_KINDS]
+    for idx, budget in ((short, answer_token_budget(tokenizer, [references[i] for i in short], max_new_tokens)),
+                        (free, int(max_new_tokens))):
+        if idx:
+            answers = generate_responses(model, tokenizer, [contexts[i] for i in idx], budget, batch_size, chat_template)
+            for i, answer in zip(idx, answers):
+                generations[i] = answer
+    scored = score_generations(references, generations, kinds)
+    categories = list(test_rows["category"]) if "category" in test_rows else [None] * len(prompts)
     return pd.concat([
-        pd.DataFrame({"id": list(test_rows["id"]), "reference": references, "generation": generations}),
+        pd.DataFrame({"id": list(test_rows["id"]), "category": categories, "reference": references, "generation": generations}),
         scored,
     ], axis=1).loc[:, list(GENERATION_COLUMNS)]
 
@@ -127,26 +154,37 @@ def read_row_categories(paths: Iterable[str | Path]) -> dict[str, str]:
     return out
 
 
+def generation_limit(generation_rows: int, max_generation_rows: int = MAX_GENERATION_ROWS) -> int:
+    """How many held-out rows to answer: `generation_rows` 0 means every row, at most `max_generation_rows`;
+    n > 0 the first n; a negative value none (generation switched off)."""
+    if generation_rows < 0:
+        return 0
+    return int(max_generation_rows) if generation_rows == 0 else int(generation_rows)
+
+
 def generation_rows(test_path: str | Path, categories: Mapping[str, str], limit: int) -> pd.DataFrame:
-    """The first `limit` held-out rows by id (columns id, messages, kind), each with its task kind:
-    from its category in `categories` (id -> category) when known, else from its reference's length."""
+    """The first `limit` held-out rows by id (columns id, messages, category, kind); `limit` <= 0: none.
+
+    Each row's kind is its category's (`answer_metrics.row_kinds`, decided over every held-out row of
+    that category, so one category is scored one way); rows of unknown category are judged by their reference.
+    """
     if limit <= 0:
         return pd.DataFrame(columns=list(GENERATION_ROW_COLUMNS))
-    frame = pd.read_parquet(test_path, columns=["id", "messages"]).sort_values("id", kind="stable").head(limit)
+    frame = pd.read_parquet(test_path, columns=["id", "messages"]).sort_values("id", kind="stable")
     references = [[m for m in list(msgs) if m["role"] == "assistant"][-1]["content"] for msgs in frame["messages"]]
-    frame["kind"] = [task_kind(categories.get(str(i)), ref) for i, ref in zip(frame["id"], references)]
-    return frame.reset_index(drop=True)
+    frame["category"] = [categories.get(str(i)) for i in frame["id"]]
+    frame["kind"] = row_kinds(list(frame["category"]), references)
+    return frame.head(limit).reset_index(drop=True).loc[:, list(GENERATION_ROW_COLUMNS)]
 
 
 def side_by_side_generations(base_generations: pd.DataFrame, tuned_generations: pd.DataFrame) -> pd.DataFrame:
     """One row per held-out row: the reference, both models' generations and their scores
     (both frames from `evaluate_generations` on the same rows)."""
     base, tuned = base_generations, tuned_generations
-    return pd.DataFrame({
-        "id": base["id"], "kind": base["kind"], "reference": base["reference"],
-        "base_generation": base["generation"], "tuned_generation": tuned["generation"],
-        "base_score": base["score"], "tuned_score": tuned["score"],
-        "base_exact_match": base["exact_match"], "tuned_exact_match": tuned["exact_match"],
-        "base_f1": base["f1"], "tuned_f1": tuned["f1"],
-        "base_rouge_l": base["rouge_l"], "tuned_rouge_l": tuned["rouge_l"],
-    })
+    columns = {
+        "id": base["id"], "category": base["category"] if "category" in base else None, "kind": base["kind"],
+        "reference": base["reference"], "base_generation": base["generation"], "tuned_generation": tuned["generation"],
+    }
+    for metric in ("score", *[m for m in ROW_METRICS if m != "score"]):
+        columns[f"base_{metric}"], columns[f"tuned_{metric}"] = base[metric], tuned[metric]
+    return pd.DataFrame(columns)

@@ -11,8 +11,14 @@ from typing import Any
 import pandas as pd
 
 from sft_pipeline.evaluation.answer_metrics import TASK_METRIC_KEYS, compare_task_metrics
-from sft_pipeline.evaluation.gate import GateSettings, gate_verdict
-from sft_pipeline.evaluation.heldout import evaluate_generations, generation_rows, heldout_loss, side_by_side_generations
+from sft_pipeline.evaluation.gate import GateSettings, evaluate_gate
+from sft_pipeline.evaluation.heldout import (
+    MAX_GENERATION_ROWS,
+    evaluate_generations,
+    generation_rows,
+    heldout_loss,
+    side_by_side_generations,
+)
 from sft_pipeline.evaluation.scoring import score_multiple_choice, summarize_accuracy
 from sft_pipeline.evaluation.statistics import compare_evaluations
 from sft_pipeline.modeling import load_model_for_eval
@@ -44,12 +50,15 @@ def evaluate_tuned_model(
     categories: dict[str, str],
     gate: GateSettings,
     batch_size: int = 8,
-    generation_rows_limit: int = 16,
+    generation_rows_limit: int = MAX_GENERATION_ROWS,
     max_new_tokens: int = 64,
     chat_template: str | None = None,
 ) -> TunedEvaluation:
     """Score the base model's held-out loss and generations, then the tuned model's MMLU, held-out loss
     and generations (`tuned_weights`: `adapter_dir` over the base, or a whole `model_dir`), and decide the gate.
+
+    `generation_rows_limit`: how many held-out rows (first by id) both models answer (`heldout.generation_limit`
+    maps the config's 0 = all); the task comparison tests `gate.primary_metric` paired over those rows.
 
     The base model's held-out figures are computed here, not with its MMLU scores, so that the base
     evaluation depends only on the base model and the benchmark and survives retrains.
@@ -73,14 +82,14 @@ def evaluate_tuned_model(
     comparison = compare_evaluations(base, tuned, base_predictions, predictions)
     task = None
     if base_gen is not None:
-        task = compare_task_metrics(base_gen, tuned_gen)
+        task = compare_task_metrics(base_gen, tuned_gen, primary_metric=gate.primary_metric)
         base["task"], tuned["task"] = task["base"], task["tuned"]
     # Without both prediction tables there is no paired count; the smaller summary bounds what both scored.
     paired_n = (comparison.get("paired") or {}).get("n")
     mmlu_questions = paired_n if paired_n is not None else min(int(base.get("num_questions") or 0), int(tuned.get("num_questions") or 0))
-    passed, reasons = gate_verdict(comparison, base_test, tuned["test"], gate, task, mmlu_questions=mmlu_questions)
+    verdict = evaluate_gate(comparison, base_test, tuned["test"], gate, task, mmlu_questions=mmlu_questions)
     return TunedEvaluation(
-        tuned=tuned, base=base, comparison=comparison, gate={"passed": passed, "reasons": reasons}, task=task,
+        tuned=tuned, base=base, comparison=comparison, gate=verdict, task=task,
         predictions=predictions, generations=side_by_side_generations(base_gen, tuned_gen) if base_gen is not None else None,
     )
 
@@ -100,4 +109,14 @@ def evaluation_metrics(result: TunedEvaluation) -> dict[str, float | None]:
         for side in ("base", "tuned"):
             for k in TASK_METRIC_KEYS:
                 metrics[f"task_{k}" + ("_base" if side == "base" else "")] = result.task[side][k]
+    metrics.update(gate_metrics(result.gate))
     return metrics
+
+
+def gate_metrics(gate: dict[str, Any]) -> dict[str, float | None]:
+    """The gate's numbers as MLflow metrics: `gate_p_value`, `gate_effect` (+ CI bounds), `gate_n` of the
+    primary held-out metric, and the forgetting guard's one-sided `gate_mmlu_p_value`."""
+    task, mmlu = gate.get("task") or {}, gate.get("mmlu") or {}
+    ci = task.get("effect_ci") or [None, None]
+    return {"gate_p_value": task.get("p_value"), "gate_effect": task.get("effect"), "gate_effect_ci_low": ci[0],
+            "gate_effect_ci_high": ci[1], "gate_n": task.get("n"), "gate_mmlu_p_value": mmlu.get("p_value")}

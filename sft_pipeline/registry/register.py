@@ -10,7 +10,7 @@ from typing import Any
 
 from sft_pipeline.hashing import model_digest, text_digest
 from sft_pipeline.registry.aliases import _decide_promotion, move_alias
-from sft_pipeline.registry.card import render_model_card
+from sft_pipeline.registry.card import DESCRIPTION_MAX_CHARS, card_front_matter, render_model_card, render_readme
 from sft_pipeline.registry.lineage import _dataset_inputs, _link_runs
 from sft_pipeline.registry.log import LOG_MODES, chat_prompt_template, load_model_for_logging, log_model
 from sft_pipeline.registry.tags import (
@@ -95,6 +95,7 @@ def register_model(
     evaluation_run_id: str | None = None,
     lineage_key: str | None = None,
     use_chat_template: bool = True,
+    evaluation: dict[str, Any] | None = None,
 ) -> RegistrationInfo:
     """Log the fine-tuned model in a new MLflow run and register it as a version of `model_name`.
 
@@ -102,7 +103,10 @@ def register_model(
       Parquet file, logged with ``mlflow.data`` and context = split), the model card as an
       artifact, and links to the training and evaluation runs (its parent is the training run).
     - The version gets `tags`, ``score.<metric>`` for every metric, the model hash, dataset
-      hashes, and alias `alias` (every new version).
+      hashes, and alias `alias` (every new version); its description is the model card in plain
+      Markdown (`card.render_model_card`, fitted to MLflow's limit), with the base-vs-tuned table and the
+      gate's numbers when `evaluation` ({"rows", "gate"}, `candidate.evaluation_report`) is given. The
+      logged model's card is the same text; its Hugging Face front matter goes to `model_card_data.yaml`.
     - `promote_to` (e.g. "champion"): tried only when `gate_passed`; with `promotion_metric`, the
       version must beat the current holder on it (see `promote_if_better`); without one, it
       takes the alias unconditionally.
@@ -149,10 +153,12 @@ def register_model(
         version_tags["evaluation_run_id"] = evaluation_run_id
 
     model, tokenizer, effective_mode = load_model_for_logging(adapter_dir, base_model_dir, log_mode)
-    card_text = render_model_card(
-        model_name, log_mode=effective_mode, base_model_dir=str(base_model_dir), metrics=clean_metrics,
-        params=params or {}, tags=str_tags, datasets=dataset_summary, model_sha256=model_sha,
-    )
+    card_args = dict(log_mode=effective_mode, base_model_dir=str(base_model_dir), metrics=clean_metrics, params=params or {},
+                     tags=version_tags, datasets=dataset_summary, model_sha256=model_sha, evaluation=evaluation)
+    card_text = render_model_card(model_name, **card_args)
+    description = render_model_card(model_name, **card_args, max_chars=DESCRIPTION_MAX_CHARS)
+    readme_text = render_readme(card_text, card_front_matter(log_mode=effective_mode, base_model_dir=str(base_model_dir),
+                                                             metrics=clean_metrics, datasets=dataset_summary))
     prompt_template = chat_prompt_template(tokenizer) if use_chat_template else None
     run_tags = {"sft_pipeline.stage": "registration", **str_tags, TAG_MODEL_SHA: model_sha}
     if training_run_id:
@@ -172,7 +178,7 @@ def register_model(
                 mlflow.log_input(ds, context=split)
             mlflow.log_text(card_text, "model_card.md")
             model_info = log_model(mlflow, model, tokenizer, effective_mode=effective_mode, base_model_dir=base_model_dir,
-                                   card_text=card_text, model_sha256=model_sha, prompt_template=prompt_template)
+                                   card_text=readme_text, model_sha256=model_sha, prompt_template=prompt_template)
         mv = mlflow.register_model(model_info.model_uri, model_name, tags=version_tags)
 
     version = int(mv.version)
@@ -180,7 +186,7 @@ def register_model(
     # also covers a backend that ignored them.
     for k, v in version_tags.items():
         client.set_model_version_tag(model_name, str(version), k, v)
-    client.update_model_version(model_name, str(version), description=card_text[:4900])
+    client.update_model_version(model_name, str(version), description=description)
     _link_runs(client, run.info.run_id, model_name, version, training_run_id, evaluation_run_id, dataset_objects)
     move_alias(tracking_uri, model_name, alias, version, reason="new version", run_id=run.info.run_id)
     promotion = None

@@ -53,6 +53,7 @@ def _prepare_upstream(storage, tiny_model_dir, tmp_path):
         "c1": ("Classify the sentiment: I love it.", "Positive."),
         "c2": ("Is this spam? WIN A PRIZE NOW", "Spam. It promises a prize."),
         "g1": ("Write a short poem about the sea.", "The sea is wide and grey and calm."),
+        "t1": ("Triage this ticket as JSON: I was charged twice for my order.", '{"queue": "billing", "urgency": "medium"}'),
     }
     records = []
     for row_id, (user, answer) in convs.items():
@@ -65,11 +66,12 @@ def _prepare_upstream(storage, tiny_model_dir, tmp_path):
     folder = storage.asset_dir("sft_dataset") / "fp"
     folder.mkdir()
     pd.DataFrame(records).to_parquet(folder / "test.parquet")
-    dataset = SftDatasetInfo(path=str(folder), splits={"test": 3}, files={"test": str(folder / "test.parquet")}, num_tokens=0,
+    dataset = SftDatasetInfo(path=str(folder), splits={"test": 4}, files={"test": str(folder / "test.parquet")}, num_tokens=0,
                              trainable_tokens=0, truncated=0, dropped=0, max_length=256, template_name="tokenizer")
-    categories = pd.DataFrame({"id": ["c1", "c2", "g1"], "category": ["classification", "classification", "creative_writing"]})
+    categories = pd.DataFrame({"id": ["c1", "c2", "g1", "t1"],
+                               "category": ["classification", "classification", "creative_writing", "ticket_triage"]})
     clean_folder, clean_digest = write_row_tables(storage.asset_dir("clean_instructions"), {ROWS_FILE: categories})
-    clean = CleanInstructionsInfo(path=str(clean_folder), digest=clean_digest, files=(ROWS_FILE,), rows=3)
+    clean = CleanInstructionsInfo(path=str(clean_folder), digest=clean_digest, files=(ROWS_FILE,), rows=4)
     synthetic_folder, synthetic_digest = write_row_tables(storage.asset_dir("synthetic_instructions"), {ROWS_FILE: categories.head(0)})
     synthetic = SyntheticInstructionsInfo(path=str(synthetic_folder), digest=synthetic_digest, files=(ROWS_FILE,))
     return base, tuned, dataset, clean, synthetic
@@ -103,17 +105,36 @@ def test_evaluation_assets_end_to_end(storage, tracking, tiny_model_dir, tmp_pat
                               storage, tracking, tuned, first.value, benchmark, dataset, base, clean, synthetic)
     manifest = result.value
     manifest.verify()
-    # What registered_model reads.
-    assert set(manifest.gate) == {"passed", "reasons"}
+    # What registered_model reads: the verdict with its numbers.
+    gate = manifest.gate
+    assert set(gate) == {"passed", "reasons", "primary_metric", "alpha", "task", "mmlu", "test_loss"}
+    assert gate["primary_metric"] == "exact_match" and gate["alpha"] == 0.05
+    # Every held-out row is answered by default (generation_rows 0): 2 classification + 1 structured rows have exact match.
+    assert gate["task"]["n"] == 3 and gate["task"]["test"] == "McNemar exact" and gate["task"]["effect_ci"] is not None
+    assert 0.0 <= gate["task"]["p_value"] <= 1.0 and gate["mmlu"]["n"] == 6 and 0.0 <= gate["mmlu"]["p_value"] <= 1.0
+    assert gate["passed"] is False  # 3 rows are too few evidence (min_generation_rows 10), whatever the tiny model says
+    assert any(r.startswith("held-out rows with a paired exact_match: 3, 7 fewer") for r in gate["reasons"]), gate["reasons"]
     assert 0.0 <= manifest.tuned["accuracy"] <= 1.0 and manifest.tuned["test"]["loss"] > 0
     assert set(manifest.comparison) >= {"base_accuracy", "tuned_accuracy", "accuracy_delta", "paired"}
-    assert manifest.comparison["paired"]["n"] == 6
+    assert manifest.comparison["paired"]["n"] == 6 and "p_value_tuned_worse" in manifest.comparison["paired"]
     assert manifest.mlflow_run_id == result.metadata["mlflow_run_id"]
-    assert manifest.task["tuned"]["classification_rows"] == 2 and manifest.task["tuned"]["generative_rows"] == 1
+    tuned_task = manifest.task["tuned"]
+    assert (tuned_task["classification_rows"], tuned_task["generative_rows"], tuned_task["structured_rows"]) == (2, 1, 1)
+    assert manifest.task["primary"]["n"] == 3 and set(manifest.task["paired"]) >= {"exact_match", "valid", "field_accuracy"}
     assert result.metadata["path"] and result.data_version.value == manifest.digest
     generations = pd.read_parquet(manifest.file(GENERATIONS_FILE))
-    assert generations["kind"].tolist() == ["classification", "classification", "generative"]
-    assert set(generations.columns) >= {"reference", "base_generation", "tuned_generation", "base_score", "tuned_score"}
+    assert generations["kind"].tolist() == ["classification", "classification", "generative", "structured"]
+    assert generations["category"].tolist() == ["classification", "classification", "creative_writing", "ticket_triage"]
+    assert set(generations.columns) >= {"reference", "base_generation", "tuned_generation", "base_score", "tuned_score",
+                                        "base_valid", "tuned_field_accuracy"}
+    # The comparison as a picture and a table, and the gate in words and numbers.
+    assert result.metadata["base_vs_tuned_chart"].value.startswith("![plot](data:image/png;base64,")
+    table = result.metadata["base_vs_tuned"].value
+    assert "| **exact match** (primary) | 3 |" in table and "| valid JSON | 1 |" in table and "| MMLU accuracy | 6 |" in table
+    assert result.metadata["gate"].value.startswith("**Gate: failed** (alpha 0.05)")
+    assert result.metadata["gate_n"] == 3 and result.metadata["gate_primary_metric"] == "exact_match"
+    assert result.metadata["gate_p_value"] == pytest.approx(gate["task"]["p_value"])
+    assert result.metadata["gate_test"] == "McNemar exact"
     predictions = pd.read_parquet(manifest.file(PREDICTIONS_FILE))
     assert len(predictions) == 6 and set(predictions.columns) >= {"subject", "question_id", "predicted", "answer", "logprob_A"}
 
@@ -124,6 +145,8 @@ def test_evaluation_assets_end_to_end(storage, tracking, tiny_model_dir, tmp_pat
     assert run.data.params["base_evaluation_run_id"] == base_run
     assert run.data.metrics["mmlu_accuracy"] == pytest.approx(manifest.tuned["accuracy"])
     assert "mmlu_paired_p_value" in run.data.metrics and "task_score_base" in run.data.metrics
+    assert run.data.metrics["gate_p_value"] == pytest.approx(gate["task"]["p_value"]) and run.data.metrics["gate_n"] == 3
+    assert "task_valid" in run.data.metrics and run.data.params["primary_metric"] == "exact_match"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"mmlu_predictions.json", "mmlu_predictions_base.json", "generations.json", "summary.json"} <= artifacts
 

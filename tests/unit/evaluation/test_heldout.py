@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from sft_pipeline.evaluation.heldout import evaluate_generations, heldout_loss
-from sft_pipeline.evaluation.answer_metrics import exact_match, rouge_l
+from sft_pipeline.evaluation.answer_metrics import exact_match, rouge_l, structured_scores
 
 
 def test_heldout_loss_matches_manual(model_and_tokenizer, tmp_path):
@@ -48,16 +48,40 @@ def test_heldout_loss_matches_manual(model_and_tokenizer, tmp_path):
 
 def test_evaluate_generations_scores_each_row(model_and_tokenizer):
     model, tokenizer = model_and_tokenizer
+    ticket = '{"queue": "billing", "urgency": "high"}'
     rows = pd.DataFrame({
-        "id": ["r1", "r2"],
+        "id": ["r1", "r2", "r3"],
         "messages": [[{"role": "user", "content": "Classify: spam?"}, {"role": "assistant", "content": "Spam."}],
-                     [{"role": "user", "content": "Poem?"}, {"role": "assistant", "content": "The sea is wide."}]],
-        "kind": ["classification", "generative"],
+                     [{"role": "user", "content": "Poem?"}, {"role": "assistant", "content": "The sea is wide."}],
+                     [{"role": "user", "content": "Triage: I was charged twice!"}, {"role": "assistant", "content": ticket}]],
+        "category": ["classification", "creative_writing", "ticket_triage"],
+        "kind": ["classification", "generative", "structured"],
     })
     out = evaluate_generations(model, tokenizer, rows, max_new_tokens=4, batch_size=2)
-    assert out["id"].tolist() == ["r1", "r2"] and out["reference"].tolist() == ["Spam.", "The sea is wide."]
+    assert out["id"].tolist() == ["r1", "r2", "r3"] and out["reference"].tolist() == ["Spam.", "The sea is wide.", ticket]
+    assert out["category"].tolist() == ["classification", "creative_writing", "ticket_triage"]
     assert out.loc[0, "score"] == out.loc[0, "exact_match"] == exact_match(out.loc[0, "generation"], "Spam.")
     assert out.loc[1, "score"] == out.loc[1, "rouge_l"] == rouge_l(out.loc[1, "generation"], "The sea is wide.")
+    assert out.loc[2, ["valid", "field_accuracy", "exact_match"]].tolist() == list(structured_scores(out.loc[2, "generation"], ticket).values())
+    assert out.loc[2, "score"] == out.loc[2, "exact_match"] and pd.isna(out.loc[2, "rouge_l"])
+
+
+def test_short_answers_get_a_token_budget_sized_to_their_references(model_and_tokenizer):
+    from sft_pipeline.evaluation.heldout import answer_token_budget
+
+    _, tokenizer = model_and_tokenizer
+    refs = ['{"queue": "billing", "urgency": "high"}', "Spam."]
+    longest = max(len(tokenizer.encode(r, add_special_tokens=False)) for r in refs)
+    assert answer_token_budget(tokenizer, refs, max_new_tokens=500) == longest + 16
+    assert answer_token_budget(tokenizer, refs, max_new_tokens=5) == 5
+    assert answer_token_budget(tokenizer, [], max_new_tokens=64) == 16
+
+
+def test_generation_limit():
+    from sft_pipeline.evaluation.heldout import MAX_GENERATION_ROWS, generation_limit
+
+    assert generation_limit(0) == MAX_GENERATION_ROWS and generation_limit(0, 120) == 120
+    assert generation_limit(16) == 16 and generation_limit(-1) == 0
 
 
 def _conversation(user, answer):
@@ -69,18 +93,27 @@ def test_generation_rows_take_kinds_from_categories_else_from_the_reference(tmp_
 
     path = tmp_path / "test.parquet"
     pd.DataFrame({
-        "id": ["g1", "c1", "u1", "u2"],
+        "id": ["g1", "c1", "u1", "u2", "t1", "t2", "u3"],
         "messages": [_conversation("Poem?", "The sea is wide and grey and calm."), _conversation("Spam?", "Spam. It promises a prize."),
-                     _conversation("Sentiment?", "Positive."), _conversation("Story?", "Once upon a time there was a fox.")],
-        "input_ids": [[1]] * 4,
+                     _conversation("Sentiment?", "Positive."), _conversation("Story?", "Once upon a time there was a fox."),
+                     _conversation("Triage: refund please", '{"queue": "refund", "urgency": "low"}'),
+                     _conversation("Triage: site down", '{"queue": "technical", "urgency": "high"}'),
+                     _conversation("JSON?", '{"a": 1}')],
+        "input_ids": [[1]] * 7,
     }).to_parquet(path)
-    rows = generation_rows(path, {"c1": "classification", "g1": "creative_writing"}, limit=3)
-    assert rows["id"].tolist() == ["c1", "g1", "u1"]  # first by id
-    assert rows["kind"].tolist() == ["classification", "generative", "classification"]
-    assert list(rows.columns) == ["id", "messages", "kind"]
-    assert generation_rows(path, {}, limit=4)["kind"].tolist() == ["classification", "generative", "classification", "generative"]
+    categories = {"c1": "classification", "g1": "creative_writing", "t1": "ticket_triage", "t2": "ticket_triage"}
+    rows = generation_rows(path, categories, limit=3)
+    assert rows["id"].tolist() == ["c1", "g1", "t1"]  # first by id
+    assert rows["kind"].tolist() == ["classification", "generative", "structured"]
+    assert rows["category"].tolist() == ["classification", "creative_writing", "ticket_triage"]
+    assert list(rows.columns) == ["id", "messages", "category", "kind"]
+    everything = generation_rows(path, categories, limit=100)
+    assert everything["id"].tolist() == ["c1", "g1", "t1", "t2", "u1", "u2", "u3"]
+    assert everything["kind"].tolist() == ["classification", "generative", "structured", "structured", "classification",
+                                           "generative", "structured"]
+    assert generation_rows(path, {}, limit=4)["kind"].tolist() == ["classification", "generative", "structured", "structured"]
     empty = generation_rows(path, {}, limit=0)
-    assert len(empty) == 0 and list(empty.columns) == ["id", "messages", "kind"]
+    assert len(empty) == 0 and list(empty.columns) == ["id", "messages", "category", "kind"]
 
 
 def test_read_row_categories(tmp_path):
@@ -98,9 +131,11 @@ def test_side_by_side_generations():
     from sft_pipeline.evaluation.heldout import side_by_side_generations
 
     def gen(text, score):
-        return pd.DataFrame({"id": ["r1"], "kind": ["generative"], "reference": ["ref"], "generation": [text],
-                             "exact_match": [None], "f1": [None], "rouge_l": [score], "score": [score]})
+        return pd.DataFrame({"id": ["r1"], "category": ["ticket_triage"], "kind": ["structured"], "reference": ["ref"],
+                             "generation": [text], "valid": [1.0], "field_accuracy": [score], "exact_match": [score],
+                             "f1": [None], "rouge_l": [None], "score": [score]})
 
-    table = side_by_side_generations(gen("base", 0.1), gen("tuned", 0.9))
-    assert table.loc[0, ["base_generation", "tuned_generation", "base_score", "tuned_score"]].tolist() == ["base", "tuned", 0.1, 0.9]
-    assert list(table.columns[:3]) == ["id", "kind", "reference"] and "tuned_rouge_l" in table.columns
+    table = side_by_side_generations(gen("base", 0.0), gen("tuned", 1.0))
+    assert table.loc[0, ["base_generation", "tuned_generation", "base_score", "tuned_score"]].tolist() == ["base", "tuned", 0.0, 1.0]
+    assert list(table.columns[:4]) == ["id", "category", "kind", "reference"]
+    assert {"tuned_valid", "base_field_accuracy", "tuned_exact_match", "tuned_rouge_l"} <= set(table.columns)
