@@ -12,7 +12,7 @@ from sft_pipeline.tokenization import SftDatasetInfo
 from sft_pipeline.training import TrainingResult
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "3"
+CODE_VERSION = "4"
 
 
 class RegisteredModelConfig(dg.Config):
@@ -23,8 +23,9 @@ class RegisteredModelConfig(dg.Config):
         default="champion", description="Alias moved only when the evaluation gate passes and the version beats the current holder."
     )
     promotion_metric: str = pydantic.Field(
-        default="mmlu_accuracy",
-        description="Metric a version must beat the champion on: mmlu_accuracy, mmlu_accuracy_delta, test_loss, train_loss; "
+        default="task_exact_match",
+        description="Metric a version must beat the champion on: task_<metric> (the held-out task metrics: task_exact_match, "
+        "task_field_accuracy, task_valid, task_score, ...), mmlu_accuracy, mmlu_accuracy_delta, test_loss, train_loss; "
         "empty: the gate alone decides.",
     )
     higher_is_better: bool = pydantic.Field(default=True, description="Direction of promotion_metric (false for losses).")

@@ -21,7 +21,7 @@ class RegistrySettings:
     experiment: str = "sft_pipeline"
     alias: str = "candidate"
     champion_alias: str = "champion"
-    promotion_metric: str = "mmlu_accuracy"
+    promotion_metric: str = "task_exact_match"
     higher_is_better: bool = True
     log_mode: str = "adapter"
     use_chat_template: bool = True
