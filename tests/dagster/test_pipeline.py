@@ -131,6 +131,15 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
         assert isinstance(value, cls), key
         if isinstance(value, OutputInfo):
             value.verify()
+    # What `make demo` prints from these hand-offs: the comparison with intervals, examples, the registration.
+    from sft_pipeline.demo import comparison_lines, example_lines, registration_line
+
+    evaluation = defs.load_asset_value("model_evaluation", instance=instance)
+    table = "\n".join(comparison_lines(evaluation))
+    assert "exact match (primary)" in table and "MMLU accuracy" in table and "held-out loss" in table
+    examples = example_lines(evaluation, defs.load_asset_value("sft_dataset", instance=instance))
+    assert len(examples) == 12 and examples[1].strip().startswith('expected  {"queue": ')
+    assert registration_line(defs.load_asset_value("registered_model", instance=instance)).startswith("tiny_sft version 1")
     clean_loaded = defs.load_asset_value("clean_instructions", instance=instance)
     assert clean_loaded.rows == clean_rows == len(pd.read_parquet(clean_loaded.file(ROWS_FILE)))
     assert defs.load_asset_value("fine_tuned_model", instance=instance).weights_hash
