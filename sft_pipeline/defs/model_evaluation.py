@@ -12,7 +12,16 @@ import pydantic
 
 from sft_pipeline.defs.metadata import markdown_table, png_markdown
 from sft_pipeline.defs.resources import MlflowTracking, PipelineStorage
-from sft_pipeline.evaluation.cache import SCORING_VERSION, base_evaluation_key, load_cached_base_evaluation, save_base_evaluation
+from sft_pipeline.defs.io_manager import decode, encode
+from sft_pipeline.evaluation.cache import (
+    SCORING_VERSION,
+    base_evaluation_key,
+    evaluation_key,
+    load_cached_base_evaluation,
+    load_cached_evaluation,
+    save_base_evaluation,
+    save_cached_evaluation,
+)
 from sft_pipeline.evaluation.answer_metrics import TASK_METRIC_KEYS
 from sft_pipeline.evaluation.heldout import MAX_GENERATION_ROWS, generation_limit, read_row_categories
 from sft_pipeline.evaluation.mlflow_log import flatten_metrics, log_evaluation_run
@@ -32,6 +41,7 @@ from sft_pipeline.outputs import (
     CleanInstructionsInfo,
     MmluBenchmarkInfo,
     ModelEvaluationInfo,
+    OutputCorrupted,
     SyntheticInstructionsInfo,
     content_digest,
     write_output_folder,
@@ -41,7 +51,7 @@ from sft_pipeline.tokenization.templates import TEMPLATES_DIR
 from sft_pipeline.training import TrainingResult
 
 # Bump when this stage's logic changes, so Dagster marks its assets stale.
-CODE_VERSION = "5"
+CODE_VERSION = "6"
 GROUP = "evaluation"
 
 
@@ -255,6 +265,41 @@ def model_evaluation(
     """Tuned-model MMLU with a paired test against the base model, held-out loss and task metrics of both, and the gate verdict."""
     if base_model_evaluation.fingerprint != mmlu_benchmark.fingerprint:
         raise ValueError("base_model_evaluation scored another benchmark subset; rematerialize it first")
+    key = evaluation_key({
+        "weights": fine_tuned_model.weights_hash, "base_evaluation": base_model_evaluation.digest,
+        "benchmark": mmlu_benchmark.fingerprint, "dataset": sft_dataset.content_hash,
+        "categories": [clean_instructions.digest, synthetic_instructions.digest], "config": config.model_dump(),
+        "code_version": CODE_VERSION,
+    })
+    reuse_dir = storage.asset_dir("model_evaluation") / "reuse"
+    info = _reused_evaluation(reuse_dir, key)
+    reused = info is not None
+    if reused:
+        context.log.info("model evaluation %s reused from %s: same weights, data, benchmark and settings", key, info.path)
+    else:
+        info = _evaluate(context, config, storage, mlflow_tracking, fine_tuned_model, base_model_evaluation, mmlu_benchmark,
+                         sft_dataset, base_model, clean_instructions, synthetic_instructions)
+        save_cached_evaluation(reuse_dir, key, encode(info))
+    return dg.MaterializeResult(value=info, metadata={**_metadata(info, config), "reused": reused, "evaluation_key": key},
+                                data_version=dg.DataVersion(info.digest))
+
+
+def _reused_evaluation(reuse_dir: Path, key: str) -> ModelEvaluationInfo | None:
+    """The recorded evaluation under `key` when its files are intact; None otherwise."""
+    record = load_cached_evaluation(reuse_dir, key)
+    if record is None:
+        return None
+    info = decode(record)
+    try:
+        info.verify()
+    except OutputCorrupted:
+        return None
+    return info
+
+
+def _evaluate(context, config, storage, mlflow_tracking, fine_tuned_model, base_model_evaluation, mmlu_benchmark,
+              sft_dataset, base_model, clean_instructions, synthetic_instructions) -> ModelEvaluationInfo:
+    """Score both models, log the run to MLflow, and publish the evaluation folder."""
     questions, fewshot = _benchmark_frames(mmlu_benchmark)
     gate = GateSettings(max_mmlu_drop=config.max_mmlu_drop, max_test_loss_increase=config.max_test_loss_increase,
                         min_task_improvement=config.min_task_improvement, min_mmlu_questions=config.min_mmlu_questions,
@@ -271,7 +316,7 @@ def model_evaluation(
         chat_template=_chat_template(sft_dataset),
     )
     tuned, base, comparison, task = result.tuned, result.base, result.comparison, result.task
-    passed, reasons = result.gate["passed"], result.gate["reasons"]
+    passed = result.gate["passed"]
     settings_params = _score_params(mmlu_benchmark)
     run_id = None
     if config.log_to_mlflow:
@@ -314,14 +359,23 @@ def model_evaluation(
     files = (PREDICTIONS_FILE, SUMMARY_FILE) + ((GENERATIONS_FILE,) if result.generations is not None else ())
     info = ModelEvaluationInfo(path=str(folder), digest=digest, files=files, tuned=tuned, base=base, comparison=comparison,
                                gate=result.gate, task=task, settings=settings_params, mlflow_run_id=run_id)
+    return info
+
+
+def _metadata(info: ModelEvaluationInfo, config) -> dict:
+    """What the UI shows of an evaluation: scores with intervals, the gate with its numbers, the pictures."""
+    tuned, base, comparison, task, settings_params = info.tuned, info.base, info.comparison, info.task, info.settings
+    passed, reasons = info.gate.get("passed"), info.gate.get("reasons") or []
+    folder, run_id = info.path, info.mlflow_run_id
+    generations = pd.read_parquet(info.file(GENERATIONS_FILE)) if GENERATIONS_FILE in info.files else None
     per_subject = {s: {"base": base["per_subject"][s]["accuracy"], "tuned": v["accuracy"]} for s, v in tuned["per_subject"].items() if s in base["per_subject"]}
     paired = comparison.get("paired") or {"p_value": None, "delta_ci": None, "tuned_only_correct": 0, "base_only_correct": 0}
     rows = comparison_rows(comparison, task, config.primary_metric, base, tuned)
-    gate_task, gate_mmlu = result.gate.get("task") or {}, result.gate.get("mmlu") or {}
+    gate_task, gate_mmlu = info.gate.get("task") or {}, info.gate.get("mmlu") or {}
     metadata = {
         "path": dg.MetadataValue.path(str(folder)),
         "mlflow_run_id": run_id or "",
-        "subset_hash": mmlu_benchmark.fingerprint,
+        "subset_hash": settings_params["subset_hash"],
         "num_fewshot": settings_params["num_fewshot"],
         "prompt_format": settings_params["prompt_format"],
         "mmlu_accuracy": tuned["accuracy"],
@@ -336,7 +390,7 @@ def model_evaluation(
         "test_perplexity": (tuned.get("test") or {}).get("perplexity"),
         "gate_passed": passed,
         "gate_reasons": "; ".join(reasons) or "all gates passed",
-        "gate": dg.MetadataValue.md(gate_markdown(result.gate)),
+        "gate": dg.MetadataValue.md(gate_markdown(info.gate)),
         "gate_primary_metric": config.primary_metric,
         "gate_n": int(gate_task["n"]) if gate_task.get("n") is not None else 0,
         "gate_effect": _number(gate_task.get("effect")),
@@ -356,9 +410,9 @@ def model_evaluation(
             [{"model": side, "rows": task[side]["rows"], **{k: task[side][k] for k in TASK_METRIC_KEYS}} for side in ("base", "tuned")]
         ).round(4))
         metadata["sample_generations"] = markdown_table(
-            result.generations[["category", "kind", "reference", "base_generation", "tuned_generation", "base_score", "tuned_score"]].round(3),
+            generations[["category", "kind", "reference", "base_generation", "tuned_generation", "base_score", "tuned_score"]].round(3),
             max_rows=max(0, config.sample_generations), max_chars=160)
-    return dg.MaterializeResult(value=info, metadata=metadata, data_version=dg.DataVersion(digest))
+    return metadata
 
 
 def _number(value) -> float:

@@ -60,3 +60,24 @@ def save_base_evaluation(folder: str | Path, predictions: pd.DataFrame, record: 
     tmp.write_text(json.dumps(record, indent=2))
     tmp.replace(folder / SUMMARY_FILE)
     return predictions_path
+
+
+def evaluation_key(inputs: dict[str, Any]) -> str:
+    """Reuse key of a tuned-model evaluation: the digests of everything it read and its settings."""
+    return short(json_digest({**inputs, "scoring_version": SCORING_VERSION}))
+
+
+def load_cached_evaluation(folder: str | Path, key: str) -> dict[str, Any] | None:
+    """The evaluation record saved under `key`, or None when there is none."""
+    path = Path(folder) / f"{key}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def save_cached_evaluation(folder: str | Path, key: str, record: dict[str, Any]) -> Path:
+    """Record an evaluation under its key, atomically (temporary name, then rename)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".tmp-{os.getpid()}-{key}.json"
+    tmp.write_text(json.dumps(record, indent=2, default=str))
+    tmp.replace(folder / f"{key}.json")
+    return folder / f"{key}.json"

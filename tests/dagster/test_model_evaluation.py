@@ -105,6 +105,15 @@ def test_evaluation_assets_end_to_end(storage, tracking, tiny_model_dir, tmp_pat
                               storage, tracking, tuned, first.value, benchmark, dataset, base, clean, synthetic)
     manifest = result.value
     manifest.verify()
+    assert result.metadata["reused"] is False
+    # Unchanged weights, data, benchmark and settings: the evaluation is reused, nothing is scored or logged again.
+    again = model_evaluation(dg.build_asset_context(), ModelEvaluationConfig(batch_size=4, max_new_tokens=6, min_task_improvement=-1.0),
+                             storage, tracking, tuned, first.value, benchmark, dataset, base, clean, synthetic)
+    assert again.metadata["reused"] is True and again.value == manifest and again.data_version == result.data_version
+    assert again.metadata["evaluation_key"] == result.metadata["evaluation_key"]
+    other = model_evaluation(dg.build_asset_context(), ModelEvaluationConfig(batch_size=4, max_new_tokens=5, min_task_improvement=-1.0),
+                             storage, tracking, tuned, first.value, benchmark, dataset, base, clean, synthetic)
+    assert other.metadata["reused"] is False and other.metadata["evaluation_key"] != result.metadata["evaluation_key"]
     # What registered_model reads: the verdict with its numbers.
     gate = manifest.gate
     assert set(gate) == {"passed", "reasons", "primary_metric", "alpha", "task", "mmlu", "test_loss"}
