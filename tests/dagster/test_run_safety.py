@@ -204,40 +204,6 @@ def test_kill_during_a_curation_write_leaves_the_recorded_output_in_force(tmp_pa
     assert again.output_for_node("curated_instructions", "clean_instructions").records_in == 50
 
 
-@pytest.mark.slow
-def test_kill_during_the_tokenized_dataset_write_leaves_the_recorded_dataset_in_force(tmp_path, persistent, tiny_model_dir):
-    defs, instance, root, tracking = persistent
-    keys = [*CURATION, "base_model", "synthetic_instructions", "sft_dataset"]
-
-    def config(source, max_length):
-        cfg = curation_config(source)
-        cfg["ops"].update({
-            "base_model": {"config": {"source": str(tiny_model_dir)}},
-            "synthetic_instructions": {"config": {"num_instructions": 0}},
-            "sft_dataset": {"config": {"max_length": max_length}},
-        })
-        return cfg
-
-    source = write_source(tmp_path / "good.jsonl", "good", 30)
-    good = run_subset(defs, keys, config(source, 256), instance)
-    assert good.success
-    recorded = defs.load_asset_value("sft_dataset", instance=instance)
-
-    # Other settings: another dataset folder, killed while its train split is half written.
-    half_written = kill_while_writing(tmp_path, "sft_dataset/", keys, config(source, 200), root, tracking)
-    assert STAGING_PREFIX in str(half_written)
-    after = defs.load_asset_value("sft_dataset", instance=instance)
-    assert after == recorded
-    from sft_pipeline.hashing import combine_digests, parquet_digest
-
-    assert combine_digests({Path(f).name: parquet_digest(f) for f in after.files.values()}) == after.content_hash
-
-    # Training's input is the recorded dataset; the next sft_dataset write removes the staging folder.
-    again = run_subset(defs, keys, config(source, 200), instance)
-    assert again.success
-    assert not list(Path(root).glob(f"sft_dataset/{STAGING_PREFIX}*"))
-
-
 def test_a_damaged_output_is_refused_by_the_steps_of_later_runs(tmp_path):
     from sft_pipeline.outputs import OutputCorrupted
 
