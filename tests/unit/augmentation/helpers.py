@@ -125,6 +125,7 @@ class ChatServer:
                 pass
 
             def do_POST(self):
+                self._counted_out = False
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with server.lock:
                     n = len(server.requests)
@@ -146,11 +147,20 @@ class ChatServer:
                                      "choices": [{"index": 0, "finish_reason": "stop",
                                                   "message": {"role": "assistant", "content": content}}]})
                 finally:
-                    with server.lock:
-                        server.in_flight -= 1
+                    self._done()
+
+            def _done(self):
+                # Counted out before the response is written: once the client has it, it may send the next
+                # request before this thread gets to run again, which is not a request in flight.
+                with server.lock:
+                    if getattr(self, "_counted_out", False):
+                        return
+                    self._counted_out = True
+                    server.in_flight -= 1
 
             def _send(self, status, payload):
                 data = json.dumps(payload).encode()
+                self._done()
                 try:
                     self.send_response(status)
                     self.send_header("Content-Type", "application/json")
