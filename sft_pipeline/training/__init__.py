@@ -21,10 +21,13 @@ Modules, in the order a run uses them:
 * ``fingerprint``: the digest of what decides the weights (keys resume and the output folder).
 * ``records``: the output folder's layout, TrainingResult, checkpoints, finished-run lookup.
 * ``data``: the train/validation Parquet as datasets.
-* ``device``: what this machine can run (bf16, batching mode, attention kernel).
+* ``device``: what this machine can run (bf16, batching mode, token budget, attention kernel).
 * ``model``: the base model plus LoRA / QLoRA / freezing.
-* ``mlflow_run``, ``callbacks``, ``performance``: tracking, per-step logging, memory and MFU.
-* ``trainer``: build_trainer and train.
+* ``batching``: padded micro-batches split into row groups of similar length within a token budget.
+* ``loss``: the CPU LM head that projects only the labeled positions.
+* ``mlflow_run``, ``callbacks``, ``performance``: tracking, per-step logging, memory (per step and
+  per run, the training heap) and MFU.
+* ``trainer``: build_trainer (TRL's SFTTrainer plus the above) and train.
 * ``launch``, ``pipes``, ``cli``: starting the process, reporting to Dagster, the command line.
 """
 
@@ -37,11 +40,13 @@ from sft_pipeline.training.config import (
     SUPPORTED_METHODS,
     TrainingConfig,
 )
+from sft_pipeline.training.batching import plan_row_groups, split_padded_batch
 from sft_pipeline.training.data import load_tokenized_splits
 from sft_pipeline.training.device import (
     check_device_support,
     resolve_attn_implementation,
     resolve_batching,
+    resolve_max_batch_tokens,
 )
 from sft_pipeline.training.fingerprint import (
     NON_TRAINING_FIELDS,
@@ -50,8 +55,16 @@ from sft_pipeline.training.fingerprint import (
     training_fingerprint,
 )
 from sft_pipeline.training.launch import launch_command
+from sft_pipeline.training.loss import compact_lm_head
 from sft_pipeline.training.model import count_parameters, freeze_all_but_last_layers, load_model
-from sft_pipeline.training.performance import PEAK_BF16_FLOPS, model_flops_utilization, peak_memory_mib
+from sft_pipeline.training.performance import (
+    MEMORY,
+    PEAK_BF16_FLOPS,
+    lean_heap,
+    model_flops_utilization,
+    peak_memory_mib,
+    step_peak_growth_mib,
+)
 from sft_pipeline.training.pipes import materialization_metadata
 from sft_pipeline.training.records import (
     ADAPTER_SUBDIR,
@@ -74,6 +87,7 @@ __all__ = [
     "FULL_MODEL_SUBDIR",
     "LAUNCHERS",
     "LR_SCHEDULERS",
+    "MEMORY",
     "MLFLOW_RUN_FILE",
     "NON_TRAINING_FIELDS",
     "PEAK_BF16_FLOPS",
@@ -84,12 +98,14 @@ __all__ = [
     "TrainingResult",
     "build_trainer",
     "check_device_support",
+    "compact_lm_head",
     "count_parameters",
     "dataset_content_hash",
     "find_finished_run",
     "freeze_all_but_last_layers",
     "last_complete_checkpoint",
     "launch_command",
+    "lean_heap",
     "load_model",
     "load_tokenized_splits",
     "main",
@@ -97,8 +113,12 @@ __all__ = [
     "model_flops_utilization",
     "model_identity_hash",
     "peak_memory_mib",
+    "plan_row_groups",
     "resolve_attn_implementation",
     "resolve_batching",
+    "resolve_max_batch_tokens",
+    "split_padded_batch",
+    "step_peak_growth_mib",
     "train",
     "training_fingerprint",
 ]

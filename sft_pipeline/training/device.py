@@ -60,17 +60,35 @@ def _flash_attn_available() -> bool:
 
 
 def resolve_batching(cfg: TrainingConfig) -> str:
-    """'auto' -> padding_free on the FlashAttention varlen path, else padded.
+    """'auto' -> padding_free on the FlashAttention varlen path, else length_grouped.
 
     Without a varlen kernel (CPU, or no flash-attn), SDPA takes a padding-free batch through a
     dense block-diagonal mask over the whole concatenated micro-batch: correct, but attention then
     costs (sum of lengths)^2 instead of sum(length^2), which bench/training.py shows is slower on CPU.
+    Length-grouped padded batches cut most pad tokens without that mask.
     """
     if cfg.batching != "auto":
         return cfg.batching
     attn = cfg.attn_implementation
     varlen = attn.startswith("flash_attention") if attn else _flash_attn_available()
-    return "padding_free" if varlen else "padded"
+    return "padding_free" if varlen else "length_grouped"
+
+
+# Padded tokens per forward/backward pass on a CPU (see batching.py): SmolLM2-135M with LoRA keeps about
+# 1.4 MiB of activations per token for the backward pass, so a pass holds about 1.1 GiB. At 1024 the
+# demo's training peaked at 2.9 GiB, too close to its 3 GiB goal once MLflow (~0.1 GiB) is loaded too.
+CPU_MAX_BATCH_TOKENS = 768
+
+
+def resolve_max_batch_tokens(cfg: TrainingConfig) -> int:
+    """The token budget of one pass over a padded micro-batch: the configured one, else 768 on CPU, none (0) on a GPU."""
+    if cfg.max_batch_tokens is not None:
+        return cfg.max_batch_tokens
+    if resolve_batching(cfg) not in ("padded", "length_grouped"):
+        return 0
+    import torch
+
+    return 0 if torch.cuda.is_available() else CPU_MAX_BATCH_TOKENS
 
 
 def resolve_attn_implementation(cfg: TrainingConfig) -> str:

@@ -7,11 +7,17 @@ import logging
 import os
 from typing import Any
 
+from sft_pipeline.training.performance import step_peak_growth_mib
 from sft_pipeline.training.records import TrainingResult
 
 
 def materialization_metadata(result: TrainingResult) -> dict[str, Any]:
-    """Scalar metadata of a result, for a Dagster materialization (None values left out)."""
+    """Scalar metadata of a result, for a Dagster materialization (None values left out).
+
+    Besides the run's peak memory: the peak of the first and of the last logged training step and
+    how much the step peaks grew from the first half of the run to the second (flat: about 0).
+    """
+    step_peaks = [h["peak_memory_mib"] for h in result.history if "peak_memory_mib" in h]
     values = {
         "method": result.method,
         "train_loss": result.train_loss,
@@ -25,6 +31,9 @@ def materialization_metadata(result: TrainingResult) -> dict[str, Any]:
         "tokens_per_second": result.tokens_per_second,
         "wall_time_s": result.train_runtime_s,
         "peak_memory_mib": result.peak_memory_mib,
+        "first_step_peak_memory_mib": step_peaks[0] if step_peaks else None,
+        "last_step_peak_memory_mib": step_peaks[-1] if step_peaks else None,
+        "step_peak_memory_growth_mib": step_peak_growth_mib(step_peaks),
         "mfu": result.mfu,
         "device": result.device,
         "batching": result.batching,

@@ -73,12 +73,17 @@ def is_number(v: Any) -> bool:
 
 
 def history_from_logs(log_history: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Merge HF's log entries into one dict per step (train loss, lr, grad norm, eval loss)."""
+    """Merge HF's log entries into one dict per step (train loss, lr, grad norm, eval loss, peak memory).
+
+    `peak_memory_mib` is the peak of the training steps since the previous training log (one step
+    with logging_steps 1), `eval_peak_memory_mib` that of the evaluation at that step: CPU resident
+    set size or CUDA allocated memory, in MiB.
+    """
     by_step: dict[int, dict[str, Any]] = {}
     for entry in log_history:
         step = int(entry.get("step", 0))
         row = by_step.setdefault(step, {"step": step})
-        for key in ("loss", "learning_rate", "grad_norm", "eval_loss"):
+        for key in ("loss", "learning_rate", "grad_norm", "eval_loss", "peak_memory_mib", "eval_peak_memory_mib"):
             if key in entry and is_number(entry[key]):
                 row[key] = float(entry[key])
     return [by_step[s] for s in sorted(by_step) if len(by_step[s]) > 1]

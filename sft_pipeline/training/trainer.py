@@ -12,14 +12,21 @@ from pathlib import Path
 from typing import Any
 
 from sft_pipeline.hashing import model_digest
-from sft_pipeline.training.callbacks import make_step_logger
+from sft_pipeline.training.batching import labeled_tokens, split_padded_batch
+from sft_pipeline.training.callbacks import make_step_logger, make_step_memory
 from sft_pipeline.training.config import TrainingConfig
 from sft_pipeline.training.data import load_tokenized_splits
-from sft_pipeline.training.device import check_device_support, resolve_batching, resolve_bf16
+from sft_pipeline.training.device import (
+    check_device_support,
+    resolve_batching,
+    resolve_bf16,
+    resolve_max_batch_tokens,
+)
 from sft_pipeline.training.fingerprint import dataset_content_hash, training_fingerprint
+from sft_pipeline.training.loss import compact_lm_head
 from sft_pipeline.training.mlflow_run import MlflowRun
 from sft_pipeline.training.model import count_parameters, load_model
-from sft_pipeline.training.performance import model_flops_utilization, peak_memory_mib
+from sft_pipeline.training.performance import MEMORY, lean_heap, model_flops_utilization, peak_memory_mib
 from sft_pipeline.training.records import (
     ADAPTER_SUBDIR,
     CHECKPOINT_SUBDIR,
@@ -45,11 +52,66 @@ def _checkpointing_args(config_cls, enabled: bool) -> dict[str, Any]:
     return {"gradient_checkpointing": enabled, "gradient_checkpointing_kwargs": kwargs}
 
 
+def _sampling_args(config_cls, length_grouped: bool) -> dict[str, Any]:
+    # transformers 5 replaced group_by_length=True with train_sampling_strategy="group_by_length".
+    if "train_sampling_strategy" in config_cls.__dataclass_fields__:
+        return {"train_sampling_strategy": "group_by_length" if length_grouped else "random"}
+    return {"group_by_length": length_grouped}
+
+
+def sft_trainer_class():
+    """`SFTTrainer` plus split padded micro-batches (batching.py), a heap that returns large tensors
+    (performance.lean_heap) and the per-step peak memory in the logs."""
+    from trl import SFTTrainer
+
+    class LeanSFTTrainer(SFTTrainer):
+        def __init__(self, *args, max_batch_tokens: int = 0, step_memory=None, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.max_batch_tokens = max_batch_tokens
+            self.step_memory = step_memory
+
+        def train(self, *args, **kwargs):
+            with lean_heap():
+                return super().train(*args, **kwargs)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            groups = split_padded_batch(inputs, self.max_batch_tokens) if self.max_batch_tokens else None
+            if groups is None:
+                return super().training_step(model, inputs, num_items_in_batch)
+            if num_items_in_batch is None:  # each group's loss is then its share of this micro-batch's mean
+                num_items_in_batch = labeled_tokens(inputs).to(self.args.device)
+            del inputs
+            total = None
+            for k, group in enumerate(groups):
+                last = k == len(groups) - 1  # gradients are synchronized (several processes) after the last group
+                with contextlib.nullcontext() if last else self.accelerator.no_sync(model):
+                    loss = super().training_step(model, group, num_items_in_batch)
+                total = loss if total is None else total + loss
+            return total
+
+        def log(self, logs, start_time=None):
+            if self.step_memory is not None and "loss" in logs:
+                peak = self.step_memory.take()
+                if peak is not None:
+                    logs["peak_memory_mib"] = peak
+            if "eval_loss" in logs:
+                peak = MEMORY.interval_peak_mib()
+                if peak is not None:
+                    logs["eval_peak_memory_mib"] = peak
+            super().log(logs, start_time)
+
+        def evaluate(self, *args, **kwargs):
+            MEMORY.begin()  # the evaluation's own peak, reported with its eval_loss
+            return super().evaluate(*args, **kwargs)
+
+    return LeanSFTTrainer
+
+
 def build_trainer(cfg: TrainingConfig, callbacks: list | None = None):
     """Build the model, datasets and `SFTTrainer` for `cfg` (exposed so tests can inspect batches)."""
     import torch
     from transformers import AutoTokenizer, EarlyStoppingCallback, PrinterCallback, set_seed
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
 
     model_dir = Path(cfg.model_dir)
     if not (model_dir / "config.json").is_file():
@@ -120,18 +182,25 @@ def build_trainer(cfg: TrainingConfig, callbacks: list | None = None):
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        **_sampling_args(SFTConfig, batching == "length_grouped"),
         **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
     )
-    trainer = SFTTrainer(
+    step_memory = make_step_memory()
+    trainer = sft_trainer_class()(
         model=model,
         args=args,
         train_dataset=splits["train"],
         eval_dataset=splits.get("validation"),
         processing_class=tokenizer,
-        callbacks=callbacks,
+        callbacks=[step_memory, *callbacks],
+        max_batch_tokens=resolve_max_batch_tokens(cfg),
+        step_memory=step_memory,
     )
     # Our step logger prints one line per log (and forwards it to Dagster); drop HF's dict printer.
     trainer.remove_callback(PrinterCallback)
+    if trainer.args.device.type == "cpu":  # on CUDA TRL's head already projects only the labeled positions
+        base = trainer.model.get_base_model() if hasattr(trainer.model, "get_base_model") else trainer.model
+        compact_lm_head(base)
     return trainer, tokenizer, splits
 
 

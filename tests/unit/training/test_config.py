@@ -23,6 +23,8 @@ from tests.unit.training.helpers import REPO
         ({"load_best_model_at_end": False, "early_stopping_patience": 2}, "early_stopping_patience"),
         ({"freeze_trainable_layers": 0}, "freeze_trainable_layers"),
         ({"save_steps": 0}, "save_steps"),
+        ({"max_batch_tokens": -1}, "max_batch_tokens"),
+        ({"max_batch_tokens": 1.5}, "max_batch_tokens"),
         ({"peak_tflops": -1.0}, "peak_tflops"),
         ({"learning_rate": -1.0}, "learning_rate"),
         ({"per_device_train_batch_size": 0}, "per_device_train_batch_size"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from sft_pipeline.training import train
+from sft_pipeline.training import TrainingConfig, resolve_batching, train
+from sft_pipeline.training.device import CPU_MAX_BATCH_TOKENS, resolve_max_batch_tokens
 from tests.unit.training.helpers import make_cfg
 
 
@@ -19,3 +20,14 @@ def test_gpu_only_settings_fail_clearly_on_cpu(override, field_name, tiny_model_
     with pytest.raises((RuntimeError, ValueError), match=field_name) as info:
         train(make_cfg(tiny_model_dir, tiny_dataset_dir, tmp_path, **override))
     assert "GPU" in str(info.value)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU defaults")
+def test_cpu_default_is_length_grouped_with_a_token_budget():
+    cfg = lambda **kw: TrainingConfig(model_dir="m", dataset_dir="d", output_dir="o", **kw)  # noqa: E731
+    assert resolve_batching(cfg()) == "length_grouped"
+    assert resolve_max_batch_tokens(cfg()) == CPU_MAX_BATCH_TOKENS
+    assert resolve_max_batch_tokens(cfg(batching="padded")) == CPU_MAX_BATCH_TOKENS
+    assert resolve_max_batch_tokens(cfg(batching="padding_free")) == 0  # one row per micro-batch: nothing to split
+    assert resolve_max_batch_tokens(cfg(max_batch_tokens=0)) == 0
+    assert resolve_max_batch_tokens(cfg(max_batch_tokens=4096)) == 4096
