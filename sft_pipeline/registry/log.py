@@ -1,4 +1,19 @@
-"""Logging the fine-tuned model to an MLflow run: transformers flavor, signature, input example, requirements."""
+"""Logging the fine-tuned model to an MLflow run: transformers flavor, task, signature, input example, requirements.
+
+A model whose tokenizer has a chat template (every model this pipeline trains: the base model gets a default
+one when it has none) is logged with MLflow's `llm/v1/chat` task, so `mlflow models serve -m
+models:/<name>@champion` answers OpenAI-style chat requests on `/invocations`:
+
+    {"messages": [{"role": "user", "content": "..."}], "max_tokens": 64, "temperature": 0}
+    -> [{"id": ..., "object": "chat.completion", "created": ..., "model": ...,
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "..."}, "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": ..., "completion_tokens": ..., "total_tokens": ...}}]
+
+MLflow applies the tokenizer's chat template to the messages and decodes greedily by default (`SERVING_CONFIG`);
+a request's `max_tokens` overrides `max_new_tokens`. `pyfunc` `predict()` takes the same chat requests (a dict,
+or a list of them) and returns those dicts. A model logged without a chat template (`use_chat_template=False`,
+or a tokenizer without one) keeps the plain `text-generation` task: a prompt string in, generated text out.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +24,11 @@ MODEL_ARTIFACT_NAME = "model"
 LOG_MODES = ("adapter", "merged")
 DEFAULT_EXAMPLE_PROMPT = "Give three tips for staying healthy."
 GENERATION_PARAMS = {"max_new_tokens": 64, "do_sample": False, "temperature": 1.0, "top_p": 1.0}
+CHAT_TASK = "llm/v1/chat"
+TEXT_TASK = "text-generation"
+# Inference defaults of a chat-task model (MLflow's `model_config`): greedy, at most 64 new tokens.
+SERVING_CONFIG = {"max_new_tokens": 64, "do_sample": False}
+CHAT_INPUT_EXAMPLE = {"messages": [{"role": "user", "content": DEFAULT_EXAMPLE_PROMPT}], "max_tokens": 16}
 
 
 def _pip_requirements() -> list[str]:
@@ -77,27 +97,42 @@ def model_signature():
     return infer_signature([DEFAULT_EXAMPLE_PROMPT], ["generated text"], params=dict(GENERATION_PARAMS))
 
 
+def serving_task(tokenizer, prompt_template: str | None) -> str:
+    """`llm/v1/chat` when the model is meant to be prompted through its chat template (a prompt template was
+    made from it and the tokenizer has one), else `text-generation`."""
+    return CHAT_TASK if prompt_template and getattr(tokenizer, "chat_template", None) else TEXT_TASK
+
+
 def log_model(mlflow, model, tokenizer, *, effective_mode: str, base_model_dir: Path, card_text: str,
-              model_sha256: str, prompt_template: str | None):
+              model_sha256: str, prompt_template: str | None, task: str | None = None):
     """Log `model` and `tokenizer` into the active run of `mlflow` (the module, already pointed at the
     store) as the transformers flavor; returns MLflow's ModelInfo.
 
+    `task` (default `serving_task`): `llm/v1/chat` logs an OpenAI-style chat model (MLflow sets the chat
+    signature, the chat template formats the messages, `SERVING_CONFIG` are the inference defaults);
+    `text-generation` logs the string-in, string-out signature with `prompt_template`.
     In "adapter" mode only the adapter is stored and the local base folder is recorded
     (``base_model_path``), so a version costs megabytes but needs that folder where it is loaded.
     """
     from huggingface_hub import ModelCard
 
+    task = task or serving_task(tokenizer, prompt_template)
+    if task not in (CHAT_TASK, TEXT_TASK):
+        raise ValueError(f"task must be {CHAT_TASK!r} or {TEXT_TASK!r}, got {task!r}")
     log_kwargs: dict[str, Any] = {"base_model_path": str(base_model_dir)} if effective_mode == "adapter" else {}
-    if prompt_template:
-        log_kwargs["prompt_template"] = prompt_template
+    if task == CHAT_TASK:
+        log_kwargs.update(model_config=dict(SERVING_CONFIG), input_example=CHAT_INPUT_EXAMPLE)
+    else:
+        log_kwargs.update(signature=model_signature(), input_example=([DEFAULT_EXAMPLE_PROMPT], {"max_new_tokens": 16}))
+        if prompt_template:
+            log_kwargs["prompt_template"] = prompt_template
     return mlflow.transformers.log_model(
         transformers_model={"model": model, "tokenizer": tokenizer},
         name=MODEL_ARTIFACT_NAME,
-        task="text-generation",
-        signature=model_signature(),
-        input_example=([DEFAULT_EXAMPLE_PROMPT], {"max_new_tokens": 16}),
+        task=task,
         model_card=ModelCard(card_text),
-        metadata={"model_sha256": model_sha256, "log_mode": effective_mode, "base_model_path": str(base_model_dir)},
+        metadata={"model_sha256": model_sha256, "log_mode": effective_mode, "base_model_path": str(base_model_dir),
+                  "serving_task": task},
         pip_requirements=_pip_requirements(),
         **log_kwargs,
     )

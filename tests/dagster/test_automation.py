@@ -128,7 +128,7 @@ def test_decision_follows_data_and_code_versions(defs, raw):
     materialize(graph, instance, select={"sft_dataset"}, data_versions={"sft_dataset": "new-content"})
     changed = retrain_decision(instance, graph, raw)
     assert changed.run
-    assert names(changed.asset_selection) == {"fine_tuned_model", "model_evaluation", "registered_model"}
+    assert names(changed.asset_selection) == {"fine_tuned_model", "model_evaluation", "registered_model", "champion_export"}
     assert any("sft_dataset" in cause for cause in changed.stale["fine_tuned_model"])
 
 
@@ -141,7 +141,7 @@ def test_decision_sees_code_version_changes(defs, raw):
                      code_version="0")(lambda: None)
     assert dg.materialize([older], instance=instance).success
     decision = retrain_decision(instance, graph, raw)
-    assert decision.run and names(decision.asset_selection) == {"registered_model"}
+    assert decision.run and names(decision.asset_selection) == {"registered_model", "champion_export"}
     assert "code version" in " ".join(decision.stale["registered_model"])
 
 

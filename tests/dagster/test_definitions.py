@@ -24,6 +24,7 @@ DESIGN_EDGES = {
                          "clean_instructions", "synthetic_instructions"},
     # the dataset's split files are logged as the version's MLflow dataset inputs
     "registered_model": {"fine_tuned_model", "model_evaluation", "base_model", "sft_dataset"},
+    "champion_export": {"registered_model"},
 }
 
 

@@ -102,6 +102,7 @@ def test_whole_graph_on_a_tiny_model(storage, tracking, tiny_model_dir):
     assert set(materialized) == {
         "raw_instructions", "clean_instructions", "rejected_instructions", "synthetic_instructions", "base_model",
         "sft_dataset", "fine_tuned_model", "mmlu_benchmark", "base_model_evaluation", "model_evaluation", "registered_model",
+        "champion_export",
     }
     for key, metadata in materialized.items():
         assert "path" in metadata, key

@@ -21,12 +21,12 @@ def test_logged_model_is_adapter_only_has_card_signature_example_and_generates(r
     assert {"model_card.md", "input_example.json"} <= files
     card = (local / "model_card.md").read_text()
     assert "## Scores" in card and "mmlu_accuracy" in card and "## Data" in card and "## Configuration" in card
-    assert info.signature.inputs.to_dict()[0]["type"] == "string"
-    assert {p.name for p in info.signature.params} >= {"max_new_tokens", "do_sample"}
+    # Logged as a chat model (MLflow's llm/v1/chat task): OpenAI-style messages in, chat completions out.
+    assert "messages" in {c["name"] for c in info.signature.inputs.to_dict()}
 
     model = load_registered_model(uri, "models:/tiny-sft@champion")
-    out = model.predict(["What is the capital of France?"], params={"max_new_tokens": 5, "do_sample": False})
-    assert isinstance(out[0], str)
+    out = model.predict({"messages": [{"role": "user", "content": "What is the capital of France?"}], "max_tokens": 5})
+    assert out[0]["object"] == "chat.completion" and isinstance(out[0]["choices"][0]["message"]["content"], str)
     components = load_registered_model(uri, "models:/tiny-sft/1", flavor="transformers", return_type="components")
     assert type(components["model"]).__name__.startswith("Peft")
 
@@ -42,5 +42,6 @@ def test_merged_mode_stores_full_weights_and_generates(trained, tiny_model_dir, 
     assert "model.safetensors" in files and "adapter_model.safetensors" not in files
     components = load_registered_model(uri, "models:/tiny-merged@champion", flavor="transformers", return_type="components")
     assert not type(components["model"]).__name__.startswith("Peft")
-    out = load_registered_model(uri, "models:/tiny-merged@champion").predict(["Hi"], params={"max_new_tokens": 3})
-    assert isinstance(out[0], str)
+    out = load_registered_model(uri, "models:/tiny-merged@champion").predict({"messages": [{"role": "user", "content": "Hi"}],
+                                                                              "max_tokens": 3})
+    assert isinstance(out[0]["choices"][0]["message"]["content"], str)

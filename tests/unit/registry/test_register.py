@@ -137,4 +137,5 @@ def test_against_a_real_tracking_server(mlflow_server, trained, tiny_model_dir):
     assert [(h["alias"], h["version"]) for h in alias_history(mlflow_server, "served-sft")] == [("candidate", 1), ("champion", 1)]
     assert first.source_uri and not first.source_uri.startswith("file:")
     model = load_registered_model(mlflow_server, "models:/served-sft@champion")
-    assert isinstance(model.predict(["Hello"], params={"max_new_tokens": 3})[0], str)
+    reply = model.predict({"messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3})[0]
+    assert isinstance(reply["choices"][0]["message"]["content"], str)
