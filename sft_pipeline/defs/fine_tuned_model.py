@@ -1,9 +1,10 @@
-"""Fine-tuning: `fine_tuned_model`, trained in its own process (`accelerate launch`) through Dagster Pipes.
+"""Fine-tuning: `fine_tuned_model`, trained in its own process(es) through Dagster Pipes.
 
 The asset resolves paths from its typed inputs and tracking from a resource, keys the output folder by
 the training fingerprint (so a rematerialization of the same training resumes from its last checkpoint,
-or reuses the finished run), launches `python -m sft_pipeline.training` with `PipesSubprocessClient`,
-and returns the training record as its hand-off.
+or reuses the finished run), launches `python -m sft_pipeline.training` (launcher 'local', 'torchrun' or
+'accelerate': `PipesSubprocessClient`; 'ray': a Ray job through dagster-ray's `PipesRayJobClient`), and
+returns the training record as its hand-off. Every launcher reports the same logs, metadata and data version.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from sft_pipeline.training import (
     find_finished_run,
     launch_command,
     materialization_metadata,
+    ray_job_params,
     training_fingerprint,
 )
 
@@ -94,21 +96,41 @@ def training_config_for(config, storage: PipelineStorage, mlflow_tracking: Mlflo
     )
 
 
+def _ray_job(cfg: TrainingConfig, context: dg.AssetExecutionContext, config_path: Path, result_path: Path, env: dict):
+    """Submit the training as a Ray job through dagster-ray's Pipes client (launcher 'ray')."""
+    try:
+        from dagster_ray import PipesRayJobClient
+    except ImportError as exc:
+        raise RuntimeError("TrainingConfig.launcher: 'ray' needs dagster-ray and Ray Train: pip install 'sft_pipeline[ray]'") from exc
+    storage = type(context.instance.run_storage).__name__
+    if "Postgres" not in storage:
+        context.log.warning(f"Dagster's instance keeps runs in {storage}: fine on one machine; a deployment that trains on a cluster "
+                            "keeps them in Postgres (docs/scaling.md)")
+    address = cfg.ray_address or os.environ.get("RAY_ADDRESS")
+    params = ray_job_params(cfg, config_path, result_path, env_vars=env)
+    context.log.info(f"submitting Ray job to {address or 'the local Ray cluster'}: {params['entrypoint']}")
+    return PipesRayJobClient(address=address, poll_interval=0.5).run(context=context, submit_job_params=params,
+                                                                     extras={"training_fingerprint": Path(cfg.output_dir).name})
+
+
 def run_training_process(cfg: TrainingConfig, context: dg.AssetExecutionContext) -> tuple[dict, dg.MaterializeResult]:
-    """Launch training (`accelerate launch` or python) through Dagster Pipes; the result JSON and the reported materialization."""
+    """Launch training (one process, torchrun, accelerate launch, or a Ray job) through Dagster Pipes; the result JSON and the reported materialization."""
     workdir = Path(cfg.output_dir)
     config_path = workdir / "training_config.json"
     result_path = workdir / "training_result.json"
     config_path.write_text(json.dumps(cfg.to_dict(), indent=2))
     result_path.unlink(missing_ok=True)
-    command = launch_command(cfg, config_path, result_path)
-    context.log.info("launching: %s", shlex.join(command))
     # The child imports sft_pipeline from this checkout even when it is not installed.
     package_root = str(Path(__file__).resolve().parents[2])
     env = {"PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH", "")) if p), "TOKENIZERS_PARALLELISM": "false"}
     error_path = result_path.with_suffix(".error.txt")
     try:
-        invocation = dg.PipesSubprocessClient(env=env).run(command=command, context=context, extras={"training_fingerprint": workdir.name})
+        if cfg.launcher == "ray":
+            invocation = _ray_job(cfg, context, config_path, result_path, env)
+        else:
+            command = launch_command(cfg, config_path, result_path)
+            context.log.info("launching: %s", shlex.join(command))
+            invocation = dg.PipesSubprocessClient(env=env).run(command=command, context=context, extras={"training_fingerprint": workdir.name})
     except Exception as exc:  # dagster raises DagsterPipesExecutionError (not public API) on a non-zero exit
         if error_path.is_file():  # the child's own one-line reason beats "process failed with code 1"
             raise RuntimeError(f"training failed: {error_path.read_text()}") from exc
@@ -124,9 +146,9 @@ def fine_tuned_model(
 ) -> dg.MaterializeResult[TrainingResult]:
     """The trained LoRA/QLoRA adapter (or full/partially frozen weights) and its training record.
 
-    Trained in its own process launched with `accelerate launch` through Dagster Pipes; a
-    rematerialization with the same configuration, data and base model resumes from the last
-    checkpoint (or reuses the finished run).
+    Trained in its own process(es) through Dagster Pipes: one process, torchrun ranks on this node, or
+    Ray Train workers on a Ray cluster (config `launcher`, docs/scaling.md); a rematerialization with the
+    same configuration, data and base model resumes from the last checkpoint (or reuses the finished run).
     """
     cfg = training_config_for(config, storage, mlflow_tracking, context.run_id, sft_dataset, base_model)
     workdir = Path(cfg.output_dir)

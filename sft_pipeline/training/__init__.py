@@ -3,8 +3,9 @@
 Plain domain package: no Dagster import. It runs on a GPU box that has only
 torch/transformers/peft/trl/accelerate/datasets/pandas/pyarrow; mlflow and dagster-pipes are
 imported lazily and only when used. Runs by hand (``python -m sft_pipeline.training --config
-cfg.json``), under ``accelerate launch`` (see :func:`launch_command`), or from the Dagster
-asset through Dagster Pipes, all through :func:`train`.
+cfg.json``), as several data-parallel ranks under ``torchrun`` or ``accelerate launch`` (see
+:func:`launch_command`), as Ray Train workers of a Ray job (``ray_train``), or from the Dagster asset
+through Dagster Pipes, all through :func:`train`.
 
 Input: ``dataset_dir/{train,validation}.parquet`` with ``input_ids``, ``attention_mask``,
 ``labels`` (-100 on non-assistant tokens) and ``length``. The rows are used as they are: TRL's
@@ -28,10 +29,13 @@ Modules, in the order a run uses them:
 * ``mlflow_run``, ``callbacks``, ``performance``: tracking, per-step logging, memory (per step and
   per run, the training heap) and MFU.
 * ``trainer``: build_trainer (TRL's SFTTrainer plus the above) and train.
-* ``launch``, ``pipes``, ``cli``: starting the process, reporting to Dagster, the command line.
+* ``launch``, ``pipes``, ``cli``: starting the process(es), reporting to Dagster, the command line.
+* ``distributed``, ``cluster``, ``ray_train``: data-parallel ranks (same weights on every rank), what a
+  cluster's storage must be, and the Ray job's driver and Ray Train workers (launcher 'ray').
 """
 
 from sft_pipeline.training.cli import main
+from sft_pipeline.training.cluster import check_cluster_storage, filesystem_type, node_local_paths
 from sft_pipeline.training.config import (
     BATCHING_MODES,
     LAUNCHERS,
@@ -47,14 +51,16 @@ from sft_pipeline.training.device import (
     resolve_attn_implementation,
     resolve_batching,
     resolve_max_batch_tokens,
+    uses_cpu,
 )
+from sft_pipeline.training.distributed import replica_digests, weights_digest, world_rank
 from sft_pipeline.training.fingerprint import (
     NON_TRAINING_FIELDS,
     dataset_content_hash,
     model_identity_hash,
     training_fingerprint,
 )
-from sft_pipeline.training.launch import launch_command
+from sft_pipeline.training.launch import launch_command, ray_job_params
 from sft_pipeline.training.loss import compact_lm_head
 from sft_pipeline.training.model import count_parameters, freeze_all_but_last_layers, load_model
 from sft_pipeline.training.performance import (
@@ -97,10 +103,12 @@ __all__ = [
     "TrainingConfig",
     "TrainingResult",
     "build_trainer",
+    "check_cluster_storage",
     "check_device_support",
     "compact_lm_head",
     "count_parameters",
     "dataset_content_hash",
+    "filesystem_type",
     "find_finished_run",
     "freeze_all_but_last_layers",
     "last_complete_checkpoint",
@@ -112,8 +120,11 @@ __all__ = [
     "materialization_metadata",
     "model_flops_utilization",
     "model_identity_hash",
+    "node_local_paths",
     "peak_memory_mib",
     "plan_row_groups",
+    "ray_job_params",
+    "replica_digests",
     "resolve_attn_implementation",
     "resolve_batching",
     "resolve_max_batch_tokens",
@@ -121,4 +132,7 @@ __all__ = [
     "step_peak_growth_mib",
     "train",
     "training_fingerprint",
+    "uses_cpu",
+    "weights_digest",
+    "world_rank",
 ]

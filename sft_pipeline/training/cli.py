@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 from pathlib import Path
 
 from sft_pipeline.training.config import TrainingConfig
+from sft_pipeline.training.distributed import world_rank
 from sft_pipeline.training.pipes import PipesLogHandler, materialization_metadata, open_pipes
 from sft_pipeline.training.trainer import train
 
@@ -18,7 +18,8 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m sft_pipeline.training", description="Fine-tune a base model on a pre-tokenized dataset.",
-        epilog="Runs under `accelerate launch -m sft_pipeline.training ...` too; see docs/training.md.",
+        epilog="Runs under `torchrun -m sft_pipeline.training ...` and `accelerate launch -m ...` too; with launcher "
+               "'ray' it is the Ray job's driver and starts Ray Train workers. See docs/training.md, docs/scaling.md.",
     )
     parser.add_argument("--config", required=True, help="JSON file with TrainingConfig fields.")
     parser.add_argument("--output-json", help="Where to write the TrainingResult JSON (default: stdout only).")
@@ -34,20 +35,23 @@ def main(argv: list[str] | None = None) -> int:
         if error_path is not None:
             error_path.unlink(missing_ok=True)
         try:
-            result = train(cfg)
+            if cfg.launcher == "ray":  # this process is the Ray job's driver; the workers run `train`
+                from sft_pipeline.training.ray_train import run_ray_training
+
+                result = run_ray_training(cfg, ns.output_json or Path(cfg.output_dir) / "training_result.json")
+            else:
+                result = train(cfg)
         except Exception as exc:
             # One readable line for whoever launched this process (the Dagster asset raises it).
             logger.error("training failed: %s: %s", type(exc).__name__, exc)
-            if error_path is not None and int(os.environ.get("RANK", "0")) == 0:
+            if error_path is not None and world_rank() == 0:
                 error_path.parent.mkdir(parents=True, exist_ok=True)
                 error_path.write_text(f"{type(exc).__name__}: {exc}")
             raise
         finally:
             if handler is not None:
                 logging.getLogger().removeHandler(handler)
-        from accelerate import PartialState
-
-        if PartialState().is_main_process:
+        if world_rank() == 0:
             text = json.dumps(result.to_dict(), indent=2)
             if ns.output_json:
                 Path(ns.output_json).parent.mkdir(parents=True, exist_ok=True)

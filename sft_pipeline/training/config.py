@@ -13,7 +13,10 @@ SUPPORTED_METHODS = ("lora", "qlora", "full", "freeze")
 # Named so a user asking for it gets "not yet" rather than "unknown".
 PLANNED_METHODS = ("8bit",)
 BATCHING_MODES = ("auto", "length_grouped", "padded", "padding_free", "packed")
-LAUNCHERS = ("accelerate", "python")
+# How training is started (launch.py): one local process, torchrun on one node, a Ray job across a cluster,
+# or `accelerate launch` (kept for an accelerate config file). 'python' is the old name of 'local'.
+LAUNCHERS = ("local", "torchrun", "ray", "accelerate")
+LAUNCHER_ALIASES = {"python": "local"}
 # transformers' SchedulerType values (the ones that need no extra kwargs); listed here rather
 # than imported so building a config does not import torch (seconds) in the Dagster process.
 LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
@@ -139,12 +142,69 @@ class TrainingConfig:
         default=None, metadata={"help": "bf16 mixed precision; None = on for bf16-capable CUDA, off (fp32) on CPU."}
     )
     launcher: str = field(
-        default="accelerate",
-        metadata={"help": "How launch_command starts the training process: 'accelerate' (accelerate launch) or "
-                          "'python' (plain python -m)."},
+        default="local",
+        metadata={"help": "How training starts: 'local' (one process), 'torchrun' (`num_processes` processes on this "
+                          "node: NCCL on GPUs, gloo on CPU), 'ray' (a Ray job whose Ray Train TorchTrainer runs "
+                          "`num_processes` workers across the cluster at `ray_address`) or 'accelerate' (accelerate "
+                          "launch, with `accelerate_config_file`). See docs/scaling.md."},
     )
     num_processes: int = field(
-        default=1, metadata={"help": "Processes (GPUs) accelerate launch starts; > 1 needs as many CUDA GPUs."}
+        default=1,
+        metadata={"help": "Data-parallel processes (ranks): torchrun/accelerate processes on this node, or Ray Train "
+                          "workers; `per_device_train_batch_size` is per process. 'local' needs 1."},
+    )
+    use_gpu: bool | None = field(
+        default=None,
+        metadata={"help": "One GPU per process; None = yes where CUDA GPUs are visible (torchrun, accelerate) or the "
+                          "Ray cluster has at least `num_processes` GPUs (ray)."},
+    )
+    ray_address: str | None = field(
+        default=None,
+        metadata={"help": "launcher 'ray': the Ray dashboard address jobs are submitted to (e.g. "
+                          "http://raycluster-head-svc:8265); None = env RAY_ADDRESS, else a local Ray cluster."},
+    )
+    ray_resources_per_worker: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "launcher 'ray': resources of each Ray Train worker (e.g. {'CPU': 8, 'GPU': 1}); empty = "
+                          "Ray Train's default (1 CPU, or 1 GPU with use_gpu)."},
+    )
+    ray_storage_path: str | None = field(
+        default=None,
+        metadata={"help": "launcher 'ray': Ray Train's storage_path (a shared folder or s3://, gs://); None = "
+                          "<output_dir>/ray."},
+    )
+    ray_max_failures: int = field(
+        default=0,
+        metadata={"help": "launcher 'ray': times Ray Train restarts a failed worker group; each restart resumes "
+                          "from the last checkpoint in output_dir."},
+    )
+    check_shared_storage: bool = field(
+        default=True,
+        metadata={"help": "launcher 'ray' on a cluster of several nodes: refuse model, dataset, output and storage "
+                          "paths on a machine-local filesystem and a SQLite/file MLflow store; false skips the check "
+                          "(paths mounted on every node by other means)."},
+    )
+    accelerate_config_file: str | None = field(
+        default=None,
+        metadata={"help": "launcher 'accelerate': an accelerate config file (FSDP, DeepSpeed, ...) passed as "
+                          "`accelerate launch --config_file`."},
+    )
+    fsdp: bool = field(
+        default=False,
+        metadata={"help": "Shard parameters, gradients and optimizer state with PyTorch FSDP (FSDP2 unless "
+                          "`fsdp_config` says version 1), through the trainer under every launcher; needs CUDA GPUs "
+                          "(accelerate runs FSDP on GPU ranks only)."},
+    )
+    fsdp_config: str | None = field(
+        default=None,
+        metadata={"help": "A JSON file of transformers' `fsdp_config` (version, reshard_after_forward, cpu_offload, "
+                          "auto_wrap_policy, transformer_layer_cls_to_wrap, state_dict_type, activation_checkpointing, "
+                          "...); None = transformers' defaults."},
+    )
+    deepspeed: str | None = field(
+        default=None,
+        metadata={"help": "A DeepSpeed JSON config (e.g. ZeRO-3) for the trainer, under any launcher; needs "
+                          "`pip install deepspeed` and GPUs."},
     )
     peak_tflops: float | None = field(
         default=None,
@@ -230,17 +290,44 @@ class TrainingConfig:
             raise bad("lr_scheduler_type", f"must be one of {list(LR_SCHEDULERS)}")
         if self.batching not in BATCHING_MODES:
             raise bad("batching", f"must be one of {list(BATCHING_MODES)}")
+        self.launcher = LAUNCHER_ALIASES.get(self.launcher, self.launcher)
         if self.launcher not in LAUNCHERS:
             raise bad("launcher", f"must be one of {list(LAUNCHERS)}")
-        if self.launcher == "python" and self.num_processes != 1:
-            raise bad("num_processes", "must be 1 with launcher 'python'; use launcher 'accelerate' for several")
+        if self.launcher == "local" and self.num_processes != 1:
+            raise bad("num_processes", "must be 1 with launcher 'local'; use launcher 'torchrun' (one node) or "
+                                       "'ray' (a cluster) for several")
+        if self.use_gpu is not None and not isinstance(self.use_gpu, bool):
+            raise bad("use_gpu", "must be true, false or null")
+        if isinstance(self.ray_max_failures, bool) or not isinstance(self.ray_max_failures, int) \
+                or self.ray_max_failures < 0:
+            raise bad("ray_max_failures", "must be an integer >= 0")
+        if not isinstance(self.ray_resources_per_worker, dict) or not all(
+            isinstance(k, str) and not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0
+            for k, v in self.ray_resources_per_worker.items()
+        ):
+            raise bad("ray_resources_per_worker", "must map resource names to non-negative numbers")
+        self.ray_resources_per_worker = {k: float(v) for k, v in self.ray_resources_per_worker.items()}
+        for name in ("ray_address", "ray_storage_path", "accelerate_config_file", "fsdp_config", "deepspeed"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, str) and v.strip()):
+                raise bad(name, "must be a non-empty string or null")
+        if not isinstance(self.fsdp, bool):
+            raise bad("fsdp", "must be true or false (FSDP options go in fsdp_config)")
+        if self.accelerate_config_file is not None and self.launcher != "accelerate":
+            raise bad("accelerate_config_file", "is read by `accelerate launch`: set launcher 'accelerate' (or use "
+                                                "`fsdp`/`deepspeed`, which work under every launcher)")
+        if self.fsdp and self.deepspeed:
+            raise bad("deepspeed", "FSDP and DeepSpeed exclude each other; set one of `fsdp` and `deepspeed`")
+        if self.fsdp_config is not None and not self.fsdp:
+            raise bad("fsdp_config", "is read only with `fsdp: true`")
         if self.attn_implementation is not None and not (
             isinstance(self.attn_implementation, str) and self.attn_implementation.strip()
         ):
             raise bad("attn_implementation", "must be a kernel name or null")
         if self.bf16 is not None and not isinstance(self.bf16, bool):
             raise bad("bf16", "must be true, false or null")
-        for name in ("gradient_checkpointing", "load_best_model_at_end", "resume", "use_liger_kernel"):
+        for name in ("gradient_checkpointing", "load_best_model_at_end", "resume", "use_liger_kernel",
+                     "check_shared_storage"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         if self.early_stopping_patience and not self.load_best_model_at_end:

@@ -16,6 +16,13 @@ def resolve_bf16(cfg: TrainingConfig) -> bool:
     return cfg.bf16
 
 
+def uses_cpu(cfg: TrainingConfig) -> bool:
+    """Train on the CPU: no CUDA GPU visible to this process, or `use_gpu: false`."""
+    import torch
+
+    return cfg.use_gpu is False or not torch.cuda.is_available()
+
+
 def check_device_support(cfg: TrainingConfig) -> None:
     """Fail early, naming the field, for settings this machine cannot run (QLoRA, Liger, several GPUs on CPU)."""
     import torch
@@ -42,10 +49,27 @@ def check_device_support(cfg: TrainingConfig) -> None:
             import liger_kernel  # noqa: F401
         except ImportError as exc:
             raise RuntimeError("TrainingConfig.use_liger_kernel: pip install liger-kernel first") from exc
-    if cfg.num_processes > 1 and (not cuda or torch.cuda.device_count() < cfg.num_processes):
+    if cfg.use_gpu and not cuda:
+        raise RuntimeError("TrainingConfig.use_gpu: true, but this process sees no CUDA GPU "
+                           "(torch.cuda.is_available() is False)")
+    if (cfg.fsdp or cfg.deepspeed) and uses_cpu(cfg):
+        name = "fsdp" if cfg.fsdp else "deepspeed"
+        raise RuntimeError(
+            f"TrainingConfig.{name}: {'FSDP' if cfg.fsdp else 'DeepSpeed'} needs CUDA GPUs and this process trains on "
+            "the CPU. (accelerate enables FSDP only for GPU-type ranks: on gloo CPU ranks the trainer would silently "
+            "run plain data parallelism instead.) Leave it off on a CPU; see docs/scaling.md for the GPU recipes.")
+    if cfg.deepspeed:
+        try:
+            import deepspeed  # noqa: F401
+        except ImportError as exc:
+            raise RuntimeError("TrainingConfig.deepspeed: pip install deepspeed first") from exc
+    if cfg.launcher == "accelerate" and cfg.num_processes > 1 and not cfg.accelerate_config_file and (
+        not cuda or torch.cuda.device_count() < cfg.num_processes
+    ):
         have = torch.cuda.device_count() if cuda else 0
-        raise RuntimeError(f"TrainingConfig.num_processes: {cfg.num_processes} processes need as many CUDA GPUs; "
-                           f"this machine has {have}.")
+        raise RuntimeError(f"TrainingConfig.num_processes: accelerate launch starts {cfg.num_processes} processes on "
+                           f"as many CUDA GPUs and this machine has {have} (accelerate launch --cpu starts only "
+                           "one process); use launcher 'torchrun' for several CPU processes.")
     if cfg.attn_implementation and cfg.attn_implementation.startswith("flash_attention") and not cuda:
         raise RuntimeError(f"TrainingConfig.attn_implementation: {cfg.attn_implementation!r} needs a CUDA GPU; "
                            "use 'sdpa' (or null) on CPU.")

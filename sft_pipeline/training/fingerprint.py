@@ -9,7 +9,11 @@ from sft_pipeline.training.config import TrainingConfig
 
 # Fields that do not change what is trained: left out of the fingerprint that keys resume.
 NON_TRAINING_FIELDS = ("output_dir", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_run_name", "mlflow_tags",
-                       "resume", "launcher", "logging_steps", "peak_tflops")
+                       "resume", "launcher", "logging_steps", "peak_tflops", "use_gpu", "ray_address",
+                       "ray_resources_per_worker", "ray_storage_path", "ray_max_failures", "check_shared_storage")
+# Fields added after trainings were keyed: left out while at their default, so those keys (and the finished
+# runs and checkpoints they name) stay valid. They change how checkpoints are sharded, so they count when set.
+KEYED_WHEN_SET = {"fsdp": False, "fsdp_config": None, "deepspeed": None, "accelerate_config_file": None}
 # What training reads from the dataset folder (test.parquet is evaluation's).
 DATASET_FILES = ("train.parquet", "validation.parquet")
 
@@ -40,7 +44,8 @@ def training_fingerprint(cfg: TrainingConfig) -> str:
     Output folder, tracking and launcher fields are left out, so a rerun of the same training under
     another Dagster run (or by hand) finds the same checkpoints. 16 hex: it names the output folder.
     """
-    fields = {k: v for k, v in cfg.to_dict().items() if k not in NON_TRAINING_FIELDS}
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k not in NON_TRAINING_FIELDS and not (k in KEYED_WHEN_SET and v == KEYED_WHEN_SET[k])}
     payload = {"config": fields, "dataset": dataset_content_hash(cfg.dataset_dir),
                "model": model_identity_hash(cfg.model_dir)}
     return short(json_digest(payload))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from typing import Any
 
+from sft_pipeline.training.distributed import world_rank
 from sft_pipeline.training.performance import step_peak_growth_mib
 from sft_pipeline.training.records import TrainingResult
 
@@ -44,13 +44,16 @@ def materialization_metadata(result: TrainingResult) -> dict[str, Any]:
         "reused_finished_run": result.reused,
         "training_fingerprint": result.fingerprint,
         "mlflow_run_id": result.mlflow_run_id,
+        "launcher": result.launcher,
+        "num_processes": result.num_processes,
+        "replicas_identical": len(set(result.replica_weight_digests)) == 1 if result.replica_weight_digests else None,
     }
     return {k: v for k, v in values.items() if v is not None}
 
 
 def open_pipes():
     """`open_dagster_pipes()` when dagster-pipes is installed and Dagster launched this process (rank 0 only)."""
-    if os.environ.get("RANK", "0") != "0":
+    if world_rank() != 0:  # one rank talks to Dagster: one materialization, one copy of each log line
         return contextlib.nullcontext(None)
     try:
         from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes

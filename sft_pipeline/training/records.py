@@ -59,6 +59,9 @@ class TrainingResult:
     batching: str = "padded"
     attn_implementation: str = "sdpa"
     num_processes: int = 1
+    launcher: str = "local"
+    # Data parallel: a digest of the trainable weights each rank ended with (rank order); all equal when in step
+    replica_weight_digests: list[str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

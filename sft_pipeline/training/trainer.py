@@ -21,7 +21,9 @@ from sft_pipeline.training.device import (
     resolve_batching,
     resolve_bf16,
     resolve_max_batch_tokens,
+    uses_cpu,
 )
+from sft_pipeline.training.distributed import replica_digests
 from sft_pipeline.training.fingerprint import dataset_content_hash, training_fingerprint
 from sft_pipeline.training.loss import compact_lm_head
 from sft_pipeline.training.mlflow_run import MlflowRun
@@ -182,6 +184,11 @@ def build_trainer(cfg: TrainingConfig, callbacks: list | None = None):
         disable_tqdm=True,
         dataloader_num_workers=0,
         dataloader_pin_memory=torch.cuda.is_available(),
+        # Several processes on a CPU (torchrun, Ray Train) are gloo ranks only when accelerate is told "cpu".
+        use_cpu=uses_cpu(cfg),
+        # FSDP / DeepSpeed are the trainer's own options, so they work under every launcher.
+        **({"fsdp": True, "fsdp_config": cfg.fsdp_config} if cfg.fsdp else {}),
+        **({"deepspeed": cfg.deepspeed} if cfg.deepspeed else {}),
         **_sampling_args(SFTConfig, batching == "length_grouped"),
         **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
     )
@@ -216,7 +223,8 @@ def train(cfg: TrainingConfig | dict[str, Any]) -> TrainingResult:
     cfg.validate()
     from accelerate import PartialState
 
-    state = PartialState()
+    # torchrun / Ray Train ranks: on a CPU, accelerate joins them as gloo ranks only when told "cpu".
+    state = PartialState(cpu=uses_cpu(cfg))
     is_main = state.is_main_process
     output_dir = Path(cfg.output_dir)
     if not (Path(cfg.dataset_dir) / "train.parquet").is_file():
@@ -317,6 +325,10 @@ def _train(cfg: TrainingConfig, mlflow_run: MlflowRun | None, is_main: bool, fin
         tokenizer.save_pretrained(weights_dir)
         (weights_dir / "training_args.bin").unlink(missing_ok=True)  # pickled; not needed to load
 
+    # Data parallel: every rank must hold the same weights (sharded FSDP/ZeRO-3 parameters are not compared).
+    digests = replica_digests(trainer.model_wrapped, sharded=bool(cfg.fsdp or cfg.deepspeed))
+    if digests and len(set(digests)) > 1:
+        logger.error("the %d ranks ended with different weights: %s", len(digests), digests)
     tokens = int(state.num_input_tokens_seen)
     tokens_here = max(tokens - step_logger.tokens_start, 0)
     tps = round(tokens_here / runtime, 2) if runtime > 0 else 0.0
@@ -353,6 +365,8 @@ def _train(cfg: TrainingConfig, mlflow_run: MlflowRun | None, is_main: bool, fin
         batching=resolve_batching(cfg),
         attn_implementation=str(getattr(getattr(model, "config", None), "_attn_implementation", "") or ""),
         num_processes=int(trainer.args.world_size),
+        launcher=cfg.launcher,
+        replica_weight_digests=digests,
     )
     if is_main:
         record = {**result.to_dict(), "config": cfg.to_dict()}

@@ -18,8 +18,16 @@ from tests.unit.training.helpers import REPO
         ({"method": "8bit"}, "method"),
         ({"method": "dpo"}, "method"),
         ({"batching": "zigzag"}, "batching"),
-        ({"launcher": "torchrun"}, "launcher"),
+        ({"launcher": "slurm"}, "launcher"),
         ({"launcher": "python", "num_processes": 2}, "num_processes"),
+        ({"launcher": "local", "num_processes": 2}, "num_processes"),
+        ({"launcher": "torchrun", "accelerate_config_file": "fsdp.yaml"}, "accelerate_config_file"),
+        ({"fsdp": True, "deepspeed": "zero3.json"}, "deepspeed"),
+        ({"fsdp": "full_shard"}, "fsdp"),
+        ({"fsdp_config": "fsdp.json"}, "fsdp_config"),
+        ({"ray_resources_per_worker": {"CPU": -1}}, "ray_resources_per_worker"),
+        ({"ray_max_failures": -1}, "ray_max_failures"),
+        ({"use_gpu": "yes"}, "use_gpu"),
         ({"load_best_model_at_end": False, "early_stopping_patience": 2}, "early_stopping_patience"),
         ({"freeze_trainable_layers": 0}, "freeze_trainable_layers"),
         ({"save_steps": 0}, "save_steps"),
@@ -64,3 +72,11 @@ def test_docs_cover_every_field():
     text = (REPO / "docs" / "training.md").read_text()
     missing = [name for name in TrainingConfig.help() if f"`{name}`" not in text]
     assert not missing, f"docs/training.md does not describe {missing}"
+
+
+def test_old_launcher_names_still_load():
+    """Configs written before the launchers: 'python' is 'local'; 'accelerate' stays a launcher of its own."""
+    assert TrainingConfig(model_dir="m", dataset_dir="d", output_dir="o", launcher="python").launcher == "local"
+    assert TrainingConfig(model_dir="m", dataset_dir="d", output_dir="o").launcher == "local"
+    cfg = TrainingConfig(model_dir="m", dataset_dir="d", output_dir="o", launcher="accelerate", num_processes=4)
+    assert cfg.launcher == "accelerate" and cfg.num_processes == 4

@@ -15,6 +15,10 @@ from tests.unit.training.helpers import make_cfg
     ({"use_liger_kernel": True}, "use_liger_kernel"),
     ({"attn_implementation": "flash_attention_2"}, "attn_implementation"),
     ({"bf16": True}, "bf16"),
+    # accelerate turns FSDP on only for GPU ranks; on gloo CPU ranks it would silently be plain DDP
+    ({"fsdp": True}, "fsdp"),
+    ({"deepspeed": "zero3.json"}, "deepspeed"),
+    ({"use_gpu": True}, "use_gpu"),
 ])
 def test_gpu_only_settings_fail_clearly_on_cpu(override, field_name, tiny_model_dir, tiny_dataset_dir, tmp_path):
     with pytest.raises((RuntimeError, ValueError), match=field_name) as info:

@@ -42,3 +42,23 @@ def test_base_model_identity_is_its_path_and_file_stats(tiny_model_dir, tmp_path
     before = model_identity_hash(copy)
     (copy / "config.json").write_text((copy / "config.json").read_text() + " ")
     assert model_identity_hash(copy) != before
+
+
+def test_fingerprint_ignores_the_launcher_and_keeps_keys_of_older_runs(tiny_model_dir, data_dir):
+    """Where the ranks run is not what they train; the fields added with the launchers leave older keys as they were."""
+    from sft_pipeline.hashing import json_digest, short
+    from sft_pipeline.training.fingerprint import KEYED_WHEN_SET, NON_TRAINING_FIELDS
+
+    base = training_fingerprint(_cfg(tiny_model_dir, data_dir))
+    elsewhere = _cfg(tiny_model_dir, data_dir, launcher="ray", use_gpu=False, ray_address="http://head:8265",
+                     ray_resources_per_worker={"CPU": 4}, ray_storage_path="s3://b/r", ray_max_failures=2,
+                     check_shared_storage=False)
+    assert training_fingerprint(elsewhere) == base
+    # the same digest as before these fields existed: the old field set, nothing more
+    cfg = _cfg(tiny_model_dir, data_dir)
+    old = {k: v for k, v in cfg.to_dict().items() if k not in NON_TRAINING_FIELDS and k not in KEYED_WHEN_SET}
+    assert base == short(json_digest({"config": old, "dataset": dataset_content_hash(data_dir),
+                                      "model": model_identity_hash(tiny_model_dir)}))
+    # sharding changes the checkpoints' layout: another key
+    assert training_fingerprint(_cfg(tiny_model_dir, data_dir, fsdp=True)) != base
+    assert training_fingerprint(_cfg(tiny_model_dir, data_dir, num_processes=2, launcher="torchrun")) != base

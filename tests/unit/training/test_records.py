@@ -37,7 +37,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_model_dir, data_d
     """Start `accelerate launch` training, SIGKILL the whole process group once a checkpoint exists, rerun."""
     cfg = TrainingConfig(model_dir=str(tiny_model_dir), dataset_dir=str(data_dir), output_dir=str(tmp_path / "out"),
                          max_steps=10, save_steps=2, save_total_limit=2, learning_rate=1e-3,
-                         per_device_train_batch_size=2)
+                         per_device_train_batch_size=2, launcher="accelerate")
     cfg_path, result_path = tmp_path / "cfg.json", tmp_path / "result.json"
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     command = launch_command(cfg, cfg_path, result_path)
