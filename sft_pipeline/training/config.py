@@ -80,8 +80,8 @@ class TrainingConfig:
                           "LengthGroupedSampler), 'padded' (rows in random order, each micro-batch padded to its "
                           "longest row), 'padding_free' (concatenate the rows of a micro-batch with position_ids, no "
                           "pad tokens), 'packed' (best-fit-decreasing packing into rows of `packing_length` tokens, "
-                          "padding-free) or 'auto' (padding_free where the FlashAttention varlen kernel is available, "
-                          "i.e. CUDA with flash-attn installed; else length_grouped)."},
+                          "padding-free) or 'auto' (padding_free on CUDA, where FlashAttention's varlen kernel or flex "
+                          "attention runs; else length_grouped)."},
     )
     max_batch_tokens: int | None = field(
         default=None,
@@ -97,8 +97,8 @@ class TrainingConfig:
     attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Attention kernel passed to from_pretrained ('sdpa', 'eager', 'flash_attention_2', ...); "
-                          "None = flash_attention_2 on CUDA when flash-attn is installed and batching is not 'padded', "
-                          "else sdpa."},
+                          "None = on CUDA flash_attention_2 when flash-attn is installed and batching is not 'padded', else "
+                          "flex_attention for padding_free and packed batches; else sdpa."},
     )
     use_liger_kernel: bool = field(
         default=False, metadata={"help": "Patch the model with Liger Triton kernels (CUDA and liger-kernel needed)."}
