@@ -342,7 +342,6 @@ def work_train(spec, ctx) -> dict[str, Any]:
     from transformers import TrainerCallback
 
     from sft_pipeline.training import TrainingConfig, build_trainer, count_parameters, model_flops_utilization
-    from sft_pipeline.training.batching import split_padded_batch
     from sft_pipeline.training.device import resolve_attn_implementation, resolve_batching
     from sft_pipeline.training.performance import MEMORY
 
@@ -402,18 +401,7 @@ def work_train(spec, ctx) -> dict[str, Any]:
         trainer, _, _ = build_trainer(cfg, callbacks=[timer])
     build_s = time.perf_counter() - t_build
     load_peak = (torch.cuda.max_memory_allocated() / 2**20) if cuda else MEMORY.process_peak_mib()
-    collate = trainer.data_collator
-    counts = {"real": 0, "processed": 0}
-
-    def counting_collator(examples):  # every token the model processes, pads included (bench/training.py's count)
-        batch = collate(examples)
-        budget = getattr(trainer, "max_batch_tokens", 0)
-        groups = (split_padded_batch(batch, budget) if budget else None) or [batch]
-        counts["processed"] += sum(int(g["input_ids"].numel()) for g in groups)
-        counts["real"] += sum(len(e["input_ids"]) for e in examples)
-        return batch
-
-    trainer.data_collator = counting_collator
+    counts = _load_bench("training").count_tokens(trainer)  # every token processed, pads included
     trainable, total = count_parameters(trainer.model)
     attn_used = str(getattr(trainer.model.config, "_attn_implementation", "") or "")
     try:

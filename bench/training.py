@@ -121,6 +121,26 @@ def _config(args: argparse.Namespace, mode: str):
     )
 
 
+def count_tokens(trainer) -> dict[str, int]:
+    """Wrap the trainer's collator to count real tokens and every token the model processes (pads included,
+    row groups cut as the trainer cuts them); returns the live counts."""
+    from sft_pipeline.training.batching import split_padded_batch
+
+    collate = trainer.data_collator
+    counts = {"real": 0, "processed": 0}
+
+    def counting_collator(examples):
+        batch = collate(examples)
+        budget = getattr(trainer, "max_batch_tokens", 0)
+        groups = (split_padded_batch(batch, budget) if budget else None) or [batch]
+        counts["processed"] += sum(int(g["input_ids"].numel()) for g in groups)
+        counts["real"] += sum(len(e["input_ids"]) for e in examples)
+        return batch
+
+    trainer.data_collator = counting_collator
+    return counts
+
+
 def plain_trl_trainer(cfg, callbacks):
     """The baseline: TRL's SFTTrainer as a user would set it up, same model, rows and optimizer settings."""
     from transformers import AutoTokenizer, set_seed
@@ -162,7 +182,6 @@ def worker(args: argparse.Namespace) -> dict:
     from transformers import TrainerCallback
 
     from sft_pipeline.training import build_trainer, count_parameters, model_flops_utilization
-    from sft_pipeline.training.batching import split_padded_batch
     from sft_pipeline.training.performance import MEMORY, current_rss_mib, step_peak_growth_mib
 
     cfg = _config(args, args.mode)
@@ -189,18 +208,7 @@ def worker(args: argparse.Namespace) -> dict:
         trainer = plain_trl_trainer(cfg, [timer])
     else:
         trainer, _, _ = build_trainer(cfg, callbacks=[timer])
-    collate = trainer.data_collator
-    counts = {"real": 0, "processed": 0}
-
-    def counting_collator(examples):  # every token the model processes, pads included
-        batch = collate(examples)
-        budget = getattr(trainer, "max_batch_tokens", 0)
-        groups = (split_padded_batch(batch, budget) if budget else None) or [batch]
-        counts["processed"] += sum(int(g["input_ids"].numel()) for g in groups)
-        counts["real"] += sum(len(e["input_ids"]) for e in examples)
-        return batch
-
-    trainer.data_collator = counting_collator
+    counts = count_tokens(trainer)
     trainable, total = count_parameters(trainer.model)
     load_before = os.getloadavg()
     trainer.train()
