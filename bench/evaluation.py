@@ -122,7 +122,8 @@ class ForwardCounter:
 
     FLOPs per forward: 2 x (parameters outside the embeddings and LM head) per position computed,
     attention 4 x layers x heads x head_dim per (query, causally visible key) pair, cached keys
-    included, and 2 x vocab x hidden per position projected onto the vocabulary.
+    included (with a 4D mask, a packed row: the pairs it makes visible), and 2 x vocab x hidden per
+    position projected onto the vocabulary.
     """
 
     body_params: int
@@ -167,23 +168,30 @@ class ForwardCounter:
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
         mask = kwargs.get("attention_mask")
-        if mask is not None:
+        pairs = None
+        if mask is not None and mask.dim() == 4:
+            # A packed row (sft_pipeline's prefix cache): [batch, 1, queries, cached + queries], no padding;
+            # attention counts the (query, key) pairs the mask makes visible.
+            visible = mask == 0 if mask.dtype.is_floating_point else mask.bool()  # additive float mask: 0 = visible
+            real, pairs = int(visible.any(-1).sum()), int(visible.sum())
+        elif mask is not None:
             real = int(mask[:, -width:].sum())
         else:
             # The harness right-pads with token 0 and passes no mask: a row's tokens end at its last non-zero one.
             real = int((ids.ne(0).flip(-1).cumsum(-1) > 0).sum())
         self.synchronize()
-        self._pending.append((time.perf_counter(), batch, width, past, real))
+        self._pending.append((time.perf_counter(), batch, width, past, real, pairs))
 
     def _post(self, module, args, kwargs, output):
         self.synchronize()
         end = time.perf_counter()
-        start, batch, width, past, real = self._pending.pop()
+        start, batch, width, past, real, pairs = self._pending.pop()
         kept = output.logits.shape[1] if getattr(output, "logits", None) is not None else width
+        if pairs is None:
+            pairs = batch * (width * past + width * (width + 1) / 2)
         self.tokens += real
         self.positions += batch * width
-        self.flops += (2 * self.body_params * batch * width
-                       + 4 * self.layers * self.attn_width * batch * (width * past + width * (width + 1) / 2)
+        self.flops += (2 * self.body_params * batch * width + 4 * self.layers * self.attn_width * pairs
                        + 2 * self.vocab_hidden * batch * kept)
         self.forward_s += end - start
         self.first_start = start if self.first_start is None else self.first_start

