@@ -47,7 +47,7 @@ def test_build_writes_loadable_parquet(tiny_model_dir, tmp_path):
     assert set(rows["id"]) == set(ds["train"]["id"]) | set(ds["validation"]["id"]) | set(ds["test"]["id"])
     # Each row lands in the split its id says.
     for name in ds:
-        assert all(assign_split(i, 0.1, 0.1) == name for i in ds[name]["id"])
+        assert all(assign_split(i, info.config["validation_fraction"], info.config["test_fraction"]) == name for i in ds[name]["id"])
 
 
 def test_test_split_keeps_messages(tiny_model_dir, tmp_path):
