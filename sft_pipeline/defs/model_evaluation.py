@@ -58,7 +58,12 @@ GROUP = "evaluation"
 class EvaluationConfig(dg.Config):
     """How to score a model."""
 
-    batch_size: int = pydantic.Field(default=8, description="Sequences per forward pass (questions, test rows, generations).")
+    batch_size: int = pydantic.Field(default=8, description="Sequences per forward pass (questions, test rows).")
+    generation_batch_size: int = pydantic.Field(
+        default=32, ge=1,
+        description="Held-out rows generated together. Greedy decoding on a CPU costs about the same per step for 8 or 32 "
+        "rows, so larger batches finish sooner (the demo's 108 rows: 105 s at 8, 73 s at 32, identical answers).",
+    )
     log_to_mlflow: bool = pydantic.Field(default=True, description="Log scores, settings and the prediction table to MLflow.")
 
 
@@ -311,7 +316,8 @@ def _evaluate(context, config, storage, mlflow_tracking, fine_tuned_model, base_
         base_model.path, {"adapter_dir": fine_tuned_model.adapter_dir, "model_dir": fine_tuned_model.model_dir},
         questions, fewshot, mmlu_benchmark.prompt_format, base_model_evaluation.summary,
         pd.read_parquet(base_model_evaluation.file(PREDICTIONS_FILE)), sft_dataset.files["test"], categories, gate,
-        batch_size=config.batch_size, generation_rows_limit=generation_limit(config.generation_rows, config.max_generation_rows),
+        batch_size=config.batch_size, generation_batch_size=config.generation_batch_size,
+        generation_rows_limit=generation_limit(config.generation_rows, config.max_generation_rows),
         max_new_tokens=config.max_new_tokens,
         chat_template=_chat_template(sft_dataset),
     )

@@ -50,6 +50,7 @@ def evaluate_tuned_model(
     categories: dict[str, str],
     gate: GateSettings,
     batch_size: int = 8,
+    generation_batch_size: int = 32,
     generation_rows_limit: int = MAX_GENERATION_ROWS,
     max_new_tokens: int = 64,
     chat_template: str | None = None,
@@ -57,7 +58,8 @@ def evaluate_tuned_model(
     """Score the base model's held-out loss and generations, then the tuned model's MMLU, held-out loss
     and generations (`tuned_weights`: `adapter_dir` over the base, or a whole `model_dir`), and decide the gate.
 
-    `generation_rows_limit`: how many held-out rows (first by id) both models answer (`heldout.generation_limit`
+    `batch_size`: sequences per forward pass for MMLU and the held-out loss; `generation_batch_size`: rows
+    generated together. `generation_rows_limit`: how many held-out rows (first by id) both models answer (`heldout.generation_limit`
     maps the config's 0 = all); the task comparison tests `gate.primary_metric` paired over those rows.
 
     The base model's held-out figures are computed here, not with its MMLU scores, so that the base
@@ -66,7 +68,8 @@ def evaluate_tuned_model(
     rows = generation_rows(test_path, categories, generation_rows_limit)
     base_model, base_tokenizer = load_model_for_eval(base_model_dir)
     base_test = heldout_loss(base_model, test_path, batch_size=batch_size)
-    base_gen = evaluate_generations(base_model, base_tokenizer, rows, max_new_tokens, batch_size, chat_template) if len(rows) else None
+    base_gen = evaluate_generations(base_model, base_tokenizer, rows, max_new_tokens, generation_batch_size,
+                                    chat_template) if len(rows) else None
     del base_model
     if tuned_weights.get("adapter_dir"):
         model, tokenizer = load_model_for_eval(base_model_dir, tuned_weights["adapter_dir"])
@@ -75,7 +78,7 @@ def evaluate_tuned_model(
     predictions = score_multiple_choice(model, tokenizer, questions, batch_size=batch_size, fewshot=fewshot, prompt_format=prompt_format)
     tuned = summarize_accuracy(predictions)
     tuned["test"] = heldout_loss(model, test_path, batch_size=batch_size)
-    tuned_gen = evaluate_generations(model, tokenizer, rows, max_new_tokens, batch_size, chat_template) if len(rows) else None
+    tuned_gen = evaluate_generations(model, tokenizer, rows, max_new_tokens, generation_batch_size, chat_template) if len(rows) else None
     del model
 
     base = {**base_summary, "test": base_test}
