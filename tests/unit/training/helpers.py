@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 from sft_pipeline.training import TrainingConfig
 
 REPO = Path(__file__).resolve().parents[3]
+# A training log line of one optimizer step ("step 3/10 train_loss=..."): group 1 the step, group 2 the total.
+STEP_LINE = re.compile(r"step (\d+)/(\d+) .*train_loss=")
+
+
+def subprocess_env(**extra: str) -> dict:
+    """The environment of a training subprocess: offline, this checkout on the path, plus `extra`."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONPATH": str(REPO), **extra}
 
 _PAIRS = [
     ("What is the capital of France?", "Paris is the capital of France."),

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import subprocess
 import time
@@ -29,14 +28,8 @@ from sft_pipeline.training import (
     train,
     weights_digest,
 )
-from tests.unit.training.helpers import REPO
+from tests.unit.training.helpers import STEP_LINE, subprocess_env
 
-STEP_LINE = re.compile(r"step (\d+)/(\d+) .*train_loss=")
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def _kill_tree(proc: subprocess.Popen) -> None:
@@ -72,7 +65,7 @@ def _run_torchrun(cfg: TrainingConfig, tmp_path: Path, name: str) -> tuple[dict,
     cfg_path.write_text(json.dumps(cfg.to_dict()))
     command = launch_command(cfg, cfg_path, result_path)
     assert command[1:3] == ["-m", "torch.distributed.run"] and "--standalone" in command
-    proc = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(command, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-4000:]
     return json.loads(result_path.read_text()), log
@@ -142,7 +135,7 @@ def test_two_torchrun_ranks_killed_midway_resume_from_the_last_checkpoint(tiny_m
     command = launch_command(cfg, cfg_path, result_path)
     ckpts = tmp_path / "out" / CHECKPOINT_SUBDIR
     with (tmp_path / "first.log").open("w") as log1:
-        first = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+        first = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"), stdout=log1, stderr=subprocess.STDOUT,
                                  start_new_session=True)
         try:
             while last_complete_checkpoint(ckpts) is None:
@@ -153,7 +146,7 @@ def test_two_torchrun_ranks_killed_midway_resume_from_the_last_checkpoint(tiny_m
     killed_at = int(last_complete_checkpoint(ckpts).name.split("-")[1])
     assert killed_at < cfg.max_steps and not result_path.exists()
 
-    second = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300)
+    second = subprocess.run(command, cwd=tmp_path, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, (second.stdout + second.stderr)[-4000:]
     logged = [int(m.group(1)) for m in STEP_LINE.finditer(second.stdout + second.stderr)]
     result = json.loads(result_path.read_text())

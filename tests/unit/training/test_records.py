@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -22,14 +21,8 @@ from sft_pipeline.training import (
     train,
     training_fingerprint,
 )
-from tests.unit.training.helpers import REPO
+from tests.unit.training.helpers import STEP_LINE, subprocess_env
 
-STEP_LINE = re.compile(r"step (\d+)/(\d+) .*train_loss=")
-
-
-def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-            "PYTHONPATH": str(REPO)}
 
 
 @pytest.mark.slow
@@ -44,7 +37,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_model_dir, data_d
     assert "accelerate.commands.launch" in command
     ckpts = tmp_path / "out" / CHECKPOINT_SUBDIR
     log1 = (tmp_path / "first.log").open("w")
-    first = subprocess.Popen(command, cwd=tmp_path, env=_env(), stdout=log1, stderr=subprocess.STDOUT,
+    first = subprocess.Popen(command, cwd=tmp_path, env=subprocess_env(), stdout=log1, stderr=subprocess.STDOUT,
                              start_new_session=True)
     try:
         while last_complete_checkpoint(ckpts) is None:
@@ -57,7 +50,7 @@ def test_killed_training_resumes_from_its_last_checkpoint(tiny_model_dir, data_d
     killed_at = int(last_complete_checkpoint(ckpts).name.split("-")[1])
     assert killed_at < cfg.max_steps and not result_path.exists()
 
-    second = subprocess.run(command, cwd=tmp_path, env=_env(), capture_output=True, text=True)
+    second = subprocess.run(command, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     logged = [int(m.group(1)) for m in STEP_LINE.finditer(second.stdout + second.stderr)]
     assert logged, "the resumed run logged no step"
