@@ -364,6 +364,7 @@ def work_train(spec, ctx) -> dict[str, Any]:
         max_steps=steps, per_device_train_batch_size=1 if packed else spec["batch"],
         gradient_accumulation_steps=spec["accum"], packing_length=max(packing_length, s["max_len"]) if packed else 2048,
         learning_rate=spec["lr"], lr_scheduler_type="constant", warmup_ratio=0.0, lora_dropout=0.0,
+        lora_last_layers=0,  # LoRA on every block, as in the committed results and the TRL baseline's usual setup
         save_steps=10**6, save_total_limit=1, eval_steps=10**6, early_stopping_patience=0,
         load_best_model_at_end=False, resume=False, seed=0, logging_steps=1, launcher="python",
     )

@@ -27,6 +27,7 @@ tokens/s, peak RSS <= 3 GiB, no growth across steps (within --flat-tolerance MiB
     .venv/bin/python bench/training.py                       # SmolLM2-135M, CPU, baseline vs default
     .venv/bin/python bench/training.py --rows 160 --json bench.json
     .venv/bin/python bench/training.py --model tiny --modes trl_padded,default,padding_free
+    .venv/bin/python bench/training.py --bf16 off --lora-last-layers 0   # fp32, LoRA on every block
 """
 
 from __future__ import annotations
@@ -118,6 +119,9 @@ def _config(args: argparse.Namespace, mode: str):
         save_steps=10**6, save_total_limit=1, eval_steps=10**6, early_stopping_patience=0,
         load_best_model_at_end=False, resume=False, seed=0, gradient_checkpointing=args.gradient_checkpointing,
         use_liger_kernel=args.liger and mode != BASELINE, launcher="python",
+        # Precision and adapted blocks are the model's setup, not batching: every mode, the baseline included, gets the same.
+        bf16={"auto": None, "on": True, "off": False}[args.bf16],
+        **({} if args.lora_last_layers is None else {"lora_last_layers": args.lora_last_layers}),
     )
 
 
@@ -151,7 +155,7 @@ def plain_trl_trainer(cfg, callbacks):
     from sft_pipeline.training.trainer import _checkpointing_args
 
     set_seed(cfg.seed)
-    bf16 = resolve_bf16(cfg)  # the same precision as build_trainer: fp32 on a CPU
+    bf16 = resolve_bf16(cfg)  # the same precision as build_trainer
     splits = load_tokenized_splits(cfg.dataset_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
     if tokenizer.pad_token is None:
@@ -227,6 +231,8 @@ def worker(args: argparse.Namespace) -> dict:
         "batching": "TRL padded, random order" if args.mode == BASELINE else getattr(trainer.args, "train_sampling_strategy", ""),
         "max_batch_tokens": getattr(trainer, "max_batch_tokens", 0),
         "lora_dropout": cfg.lora_dropout,
+        "lora_last_layers": cfg.lora_last_layers,
+        "bf16": bool(trainer.args.bf16),
         "tokens_per_second": round(tps, 1),
         "tokens": tokens,
         "wall_s": round(wall, 1),
@@ -291,6 +297,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="MiB the step peaks of the second half may exceed those of the first (default 64)")
     parser.add_argument("--cache", default=str(REPO / "artifacts" / "bench_training"),
                         help="where the resolved base model is kept between runs")
+    parser.add_argument("--bf16", choices=("auto", "on", "off"), default="auto",
+                        help="precision of every mode: auto = the package default (bf16 where the device multiplies it "
+                             "natively), off = fp32")
+    parser.add_argument("--lora-last-layers", type=int, default=None,
+                        help="LoRA on the last N blocks in every mode (0: every block; default: the package default)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--liger", action="store_true", help="Liger kernels for the non-baseline modes (CUDA)")
     parser.add_argument("--json", default=None, help="also write the results here")

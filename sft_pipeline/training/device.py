@@ -5,14 +5,25 @@ from __future__ import annotations
 from sft_pipeline.training.config import TrainingConfig
 
 
-def resolve_bf16(cfg: TrainingConfig) -> bool:
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slower than fp32."""
     import torch
 
-    capable = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def resolve_bf16(cfg: TrainingConfig) -> bool:
+    """bf16 mixed precision or not: `cfg.bf16`, or where it is None, whether the device multiplies bf16 natively."""
+    import torch
+
+    on_cpu = uses_cpu(cfg)
+    capable = cpu_has_native_bf16() if on_cpu else torch.cuda.is_bf16_supported()
     if cfg.bf16 is None:
         return capable
     if cfg.bf16 and not capable:
-        raise ValueError("TrainingConfig.bf16: true needs a bf16-capable CUDA GPU; use null for auto")
+        where = "this CPU has neither AVX512-BF16 nor AMX" if on_cpu else "this GPU does not support bf16"
+        raise ValueError(f"TrainingConfig.bf16: true, but {where}; use false, or null for auto")
     return cfg.bf16
 
 

@@ -11,9 +11,10 @@ from sft_pipeline.training.config import TrainingConfig
 NON_TRAINING_FIELDS = ("output_dir", "mlflow_tracking_uri", "mlflow_experiment", "mlflow_run_name", "mlflow_tags",
                        "resume", "launcher", "logging_steps", "peak_tflops", "use_gpu", "ray_address",
                        "ray_resources_per_worker", "ray_storage_path", "ray_max_failures", "check_shared_storage")
-# Fields added after trainings were keyed: left out while at their default, so those keys (and the finished
-# runs and checkpoints they name) stay valid. They change how checkpoints are sharded, so they count when set.
-KEYED_WHEN_SET = {"fsdp": False, "fsdp_config": None, "deepspeed": None, "accelerate_config_file": None}
+# Fields added after trainings were keyed: left out while at the value that trains as before they existed, so
+# those keys (and the finished runs and checkpoints they name) stay valid; any other value counts.
+KEYED_WHEN_SET = {"fsdp": False, "fsdp_config": None, "deepspeed": None, "accelerate_config_file": None,
+                  "lora_last_layers": 0}
 # What training reads from the dataset folder (test.parquet is evaluation's).
 DATASET_FILES = ("train.parquet", "validation.parquet")
 

@@ -19,7 +19,8 @@ def _decoder_blocks(model):
             return blocks, base
     lists = [(len(m), parent) for parent in model.modules() for m in parent.children() if isinstance(m, nn.ModuleList)]
     if not lists:
-        raise ValueError("method 'freeze': could not find the model's list of transformer blocks")
+        raise ValueError("could not find the model's list of transformer blocks (needed by method 'freeze' and "
+                         "lora_last_layers)")
     _, parent = max(lists, key=lambda x: x[0])
     blocks = next(m for m in parent.children() if isinstance(m, nn.ModuleList))
     return blocks, parent
@@ -46,6 +47,26 @@ def freeze_all_but_last_layers(model, n: int) -> list[str]:
                 p.requires_grad_(True)
             break
     return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def lora_targets(model, cfg: TrainingConfig) -> dict[str, Any]:
+    """LoraConfig's target_modules (and layers_to_transform with `lora_last_layers`) for `model`.
+
+    peft takes a layer subset only with named modules, so 'all-linear' becomes the names of the linear
+    layers inside the transformer blocks (the LM head is outside them, as with peft's 'all-linear').
+    """
+    import torch.nn as nn
+
+    if not cfg.lora_last_layers:
+        return {"target_modules": cfg.lora_target_modules}
+    blocks, _ = _decoder_blocks(model)
+    first = max(0, len(blocks) - cfg.lora_last_layers)  # a model with fewer blocks gets every block adapted
+    targets = cfg.lora_target_modules
+    if targets == "all-linear":
+        targets = sorted({name.rsplit(".", 1)[-1] for name, module in blocks.named_modules()
+                          if isinstance(module, nn.Linear)})
+    return {"target_modules": targets,
+            "layers_to_transform": list(range(first, len(blocks)))}
 
 
 def load_model(cfg: TrainingConfig, bf16: bool):
@@ -81,7 +102,7 @@ def load_model(cfg: TrainingConfig, bf16: bool):
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(task_type="CAUSAL_LM", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                          lora_dropout=cfg.lora_dropout, target_modules=cfg.lora_target_modules, bias="none")
+                          lora_dropout=cfg.lora_dropout, bias="none", **lora_targets(model, cfg))
         model = get_peft_model(model, lora)
     elif cfg.method == "freeze":
         freeze_all_but_last_layers(model, cfg.freeze_trainable_layers)

@@ -38,6 +38,7 @@ def materialization_metadata(result: TrainingResult) -> dict[str, Any]:
         "device": result.device,
         "batching": result.batching,
         "attn_implementation": result.attn_implementation,
+        "precision": result.precision,
         "early_stopped": result.early_stopped,
         "best_checkpoint": result.best_checkpoint,
         "resumed_from_checkpoint": result.resumed_from_checkpoint,

@@ -58,6 +58,7 @@ class TrainingResult:
     device: str = "cpu"
     batching: str = "padded"
     attn_implementation: str = "sdpa"
+    precision: str = "fp32"  # "bf16": bf16 mixed precision (LoRA: a bf16 frozen base); "fp32" otherwise
     num_processes: int = 1
     launcher: str = "local"
     # Data parallel: a digest of the trainable weights each rank ended with (rank order); all equal when in step

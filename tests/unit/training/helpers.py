@@ -61,8 +61,12 @@ def write_tiny_sft_dataset(model_dir, out_dir, n_train: int = 24, n_val: int = 8
 
 
 def make_cfg(tiny_model_dir, dataset_dir, out, **kw) -> TrainingConfig:
-    """A 5-step LoRA run on the tiny model (overrides in `kw`)."""
+    """A 5-step fp32 LoRA run on the tiny model (overrides in `kw`).
+
+    fp32 because these tests compare losses and gradients across batchings, ranks and resumes to 1e-5;
+    bf16 (the default on CPUs that multiply it natively) is tested on its own.
+    """
     base = dict(model_dir=str(tiny_model_dir), dataset_dir=str(dataset_dir), output_dir=str(out),
-                max_steps=5, eval_steps=2, per_device_train_batch_size=4, learning_rate=1e-3)
+                max_steps=5, eval_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, bf16=False)
     base.update(kw)
     return TrainingConfig(**base)

@@ -39,6 +39,8 @@ from tests.unit.training.helpers import REPO
         ({"warmup_ratio": 1.5}, "warmup_ratio"),
         ({"lr_scheduler_type": "zigzag"}, "lr_scheduler_type"),
         ({"lora_target_modules": []}, "lora_target_modules"),
+        ({"lora_last_layers": -1}, "lora_last_layers"),
+        ({"lora_last_layers": True}, "lora_last_layers"),
         ({"max_steps": 0, "num_train_epochs": 0.0}, "num_train_epochs"),
     ],
 )

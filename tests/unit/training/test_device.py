@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sft_pipeline.training import TrainingConfig, resolve_batching, train
-from sft_pipeline.training.device import CPU_MAX_BATCH_TOKENS, resolve_max_batch_tokens
+from sft_pipeline.training.device import CPU_MAX_BATCH_TOKENS, cpu_has_native_bf16, resolve_max_batch_tokens
 from tests.unit.training.helpers import make_cfg
 
 
@@ -14,7 +14,6 @@ from tests.unit.training.helpers import make_cfg
     ({"method": "qlora"}, "method"),
     ({"use_liger_kernel": True}, "use_liger_kernel"),
     ({"attn_implementation": "flash_attention_2"}, "attn_implementation"),
-    ({"bf16": True}, "bf16"),
     # accelerate turns FSDP on only for GPU ranks; on gloo CPU ranks it would silently be plain DDP
     ({"fsdp": True}, "fsdp"),
     ({"deepspeed": "zero3.json"}, "deepspeed"),
@@ -24,6 +23,30 @@ def test_gpu_only_settings_fail_clearly_on_cpu(override, field_name, tiny_model_
     with pytest.raises((RuntimeError, ValueError), match=field_name) as info:
         train(make_cfg(tiny_model_dir, tiny_dataset_dir, tmp_path, **override))
     assert "GPU" in str(info.value)
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_auto_follows_the_cpus_native_bf16(native, monkeypatch):
+    from sft_pipeline.training import device
+
+    monkeypatch.setattr(device, "cpu_has_native_bf16", lambda: native)
+    cfg = lambda **kw: TrainingConfig(model_dir="m", dataset_dir="d", output_dir="o", use_gpu=False, **kw)  # noqa: E731
+    assert device.resolve_bf16(cfg()) is native
+    assert device.resolve_bf16(cfg(bf16=False)) is False
+    if native:
+        assert device.resolve_bf16(cfg(bf16=True)) is True
+    else:
+        with pytest.raises(ValueError, match="TrainingConfig.bf16: true, but this CPU has neither AVX512-BF16 nor AMX"):
+            device.resolve_bf16(cfg(bf16=True))
+
+
+def test_cpu_native_bf16_is_what_torch_reports(monkeypatch):
+    import torch
+
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert cpu_has_native_bf16() is (avx512_bf16 or amx)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU defaults")
@@ -55,3 +78,18 @@ def test_gpu_default_is_padding_free_on_a_varlen_kernel(monkeypatch):
     monkeypatch.setattr(device, "_flash_attn_available", lambda: False)
     monkeypatch.setattr(device, "_flex_attention_available", lambda: False)
     assert (resolve_batching(cfg()), resolve_attn_implementation(cfg())) == ("length_grouped", "sdpa")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available() or not cpu_has_native_bf16(),
+                    reason="needs a CPU that multiplies bf16 natively (AVX512-BF16 or AMX)")
+def test_bf16_lora_trains_on_a_cpu_with_native_bf16(tiny_model_dir, tiny_dataset_dir, tmp_path):
+    """The default on such CPUs: a bf16 frozen base, fp32 adapter weights, bf16 autocast; the loss falls."""
+    from safetensors.torch import load_file
+
+    r = train(make_cfg(tiny_model_dir, tiny_dataset_dir, tmp_path, bf16=None, max_steps=8, learning_rate=1e-2,
+                       eval_steps=8))
+    assert r.precision == "bf16" and r.device == "cpu"
+    losses = [h["loss"] for h in r.history if h.get("loss") is not None]
+    assert len(losses) == 8 and sum(losses[-3:]) / 3 < sum(losses[:3]) / 3
+    weights = load_file(f"{r.adapter_dir}/adapter_model.safetensors")
+    assert weights and all(str(w.dtype) == "torch.float32" for w in weights.values())

@@ -54,11 +54,13 @@ def test_fingerprint_ignores_the_launcher_and_keeps_keys_of_older_runs(tiny_mode
                      ray_resources_per_worker={"CPU": 4}, ray_storage_path="s3://b/r", ray_max_failures=2,
                      check_shared_storage=False)
     assert training_fingerprint(elsewhere) == base
-    # the same digest as before these fields existed: the old field set, nothing more
-    cfg = _cfg(tiny_model_dir, data_dir)
+    # the same digest as before these fields existed: the old field set, nothing more (LoRA on every block was
+    # the only behaviour before lora_last_layers)
+    cfg = _cfg(tiny_model_dir, data_dir, lora_last_layers=0)
     old = {k: v for k, v in cfg.to_dict().items() if k not in NON_TRAINING_FIELDS and k not in KEYED_WHEN_SET}
-    assert base == short(json_digest({"config": old, "dataset": dataset_content_hash(data_dir),
-                                      "model": model_identity_hash(tiny_model_dir)}))
+    assert training_fingerprint(cfg) == short(json_digest({"config": old, "dataset": dataset_content_hash(data_dir),
+                                                           "model": model_identity_hash(tiny_model_dir)}))
+    assert training_fingerprint(cfg) != base  # the default adapts only the last blocks: another training
     # sharding changes the checkpoints' layout: another key
     assert training_fingerprint(_cfg(tiny_model_dir, data_dir, fsdp=True)) != base
     assert training_fingerprint(_cfg(tiny_model_dir, data_dir, num_processes=2, launcher="torchrun")) != base
