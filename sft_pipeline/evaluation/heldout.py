@@ -53,18 +53,18 @@ def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> d
                 input_ids[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
                 attention[row, :len(mask)] = torch.tensor(mask, dtype=torch.long)
                 labels[row, :len(lab)] = torch.tensor(lab, dtype=torch.long)
+            # HF convention: labels align with input_ids; token t+1 is predicted at position t.
+            scored = labels[:, 1:] != -100
+            if not scored.any():
+                continue
             kwargs: dict[str, Any] = {"input_ids": input_ids.to(device), "attention_mask": attention.to(device)}
             if "use_cache" in forward_args:
                 kwargs["use_cache"] = False
-            logits = model(**kwargs).logits.float()
-            # HF convention: labels align with input_ids; token t+1 is predicted at position t.
-            shift_logits = logits[:, :-1, :].reshape(-1, logits.size(-1))
-            shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+            logits = scored_logits(model, kwargs, scored, "logits_to_keep" in forward_args)
             loss_sum = torch.nn.functional.cross_entropy(
-                shift_logits, shift_labels, ignore_index=-100, reduction="sum"
+                logits.float(), labels[:, 1:][scored].to(logits.device), reduction="sum"
             )
             total_loss += float(loss_sum)
-            scored = labels[:, 1:] != -100
             total_tokens += int(scored.sum())
             scored_rows += int(scored.any(dim=1).sum())
 
@@ -72,6 +72,22 @@ def heldout_loss(model: Any, parquet_path: str | Path, batch_size: int = 8) -> d
         return {"loss": None, "perplexity": None, "num_tokens": 0}
     loss = total_loss / total_tokens
     return {"loss": loss, "perplexity": _safe_exp(loss), "num_tokens": total_tokens, "num_rows": scored_rows}
+
+
+def scored_logits(model: Any, kwargs: dict[str, Any], scored: Any, can_keep: bool) -> Any:
+    """Logits (n, vocab) at the positions where `scored` (batch, width - 1) is true, in row-major order.
+
+    With `logits_to_keep` (a boolean mask), the LM head projects only those positions: on the demo's
+    test rows about a third of the tokens, and it spares the full-vocabulary logits of the others.
+    """
+    import torch
+
+    if can_keep:
+        keep = torch.nn.functional.pad(scored, (0, 1), value=False).to(kwargs["input_ids"].device)
+        logits = model(**kwargs, logits_to_keep=keep).logits
+        if logits.dim() == 2 and logits.shape[0] == int(scored.sum()):
+            return logits
+    return model(**kwargs).logits[:, :-1, :][scored.to(kwargs["input_ids"].device)]
 
 
 def _safe_exp(x: float) -> float:

@@ -40,10 +40,35 @@ def test_heldout_loss_matches_manual(model_and_tokenizer, tmp_path):
     assert result["num_tokens"] == count == 8
     assert result["loss"] == pytest.approx(total / count, abs=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
+    assert result["num_rows"] == 3
 
     empty = tmp_path / "empty.parquet"
     frame.iloc[0:0].to_parquet(empty)
     assert heldout_loss(model, empty) == {"loss": None, "perplexity": None, "num_tokens": 0}
+
+
+def test_heldout_loss_projects_only_the_scored_positions(model_and_tokenizer, tmp_path, monkeypatch):
+    """logits_to_keep: the LM head sees only positions that predict a label, and the loss is the full-logits loss."""
+    from sft_pipeline.evaluation import heldout
+
+    model, _ = model_and_tokenizer
+    rows = [([5, 6, 7, 8, 9, 10], [-100, -100, -100, 8, 9, 10]), ([11, 12, 13], [-100, 12, 13]),
+            ([20, 21, 22, 23, 24, 25, 26, 27], [-100] * 5 + [25, 26, 27])]
+    path = tmp_path / "test.parquet"
+    pd.DataFrame({"input_ids": [i for i, _ in rows], "attention_mask": [[1] * len(i) for i, _ in rows],
+                  "labels": [lab for _, lab in rows]}).to_parquet(path)
+    projected = []
+    head = model.get_output_embeddings()
+    handle = head.register_forward_hook(lambda module, args, out: projected.append(args[0].shape[:-1].numel()))
+    try:
+        kept = heldout_loss(model, path, batch_size=3)
+        monkeypatch.setattr(heldout, "forward_params", lambda m: {"input_ids", "attention_mask", "use_cache"})
+        full = heldout_loss(model, path, batch_size=3)
+    finally:
+        handle.remove()
+    assert projected == [8, 3 * 8]  # the 8 scored positions, then every position of the padded batch
+    assert kept["loss"] == pytest.approx(full["loss"], abs=1e-6) and kept["num_tokens"] == full["num_tokens"] == 8
+
 
 
 def test_evaluate_generations_scores_each_row(model_and_tokenizer):
