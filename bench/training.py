@@ -151,7 +151,7 @@ def plain_trl_trainer(cfg, callbacks):
     from trl import SFTConfig, SFTTrainer
 
     from sft_pipeline.training import load_model, load_tokenized_splits
-    from sft_pipeline.training.device import resolve_bf16
+    from sft_pipeline.training.device import resolve_bf16, uses_cpu
     from sft_pipeline.training.trainer import _checkpointing_args
 
     set_seed(cfg.seed)
@@ -168,6 +168,7 @@ def plain_trl_trainer(cfg, callbacks):
         logging_steps=1, save_strategy="no", eval_strategy="no", report_to="none", seed=cfg.seed, data_seed=cfg.seed,
         max_length=None, packing=False, padding_free=False, include_num_input_tokens_seen="non_padding",
         disable_tqdm=True, dataloader_num_workers=0, bf16=bf16, fp16=False,
+        use_cpu=uses_cpu(cfg),  # transformers refuses bf16 without a GPU unless told the CPU is meant
         **_checkpointing_args(SFTConfig, cfg.gradient_checkpointing),
     )
     return SFTTrainer(model=load_model(cfg, bf16), args=args, train_dataset=splits["train"],
