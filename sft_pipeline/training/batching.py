@@ -21,6 +21,11 @@ from typing import Any
 # The fixed cost of one more forward/backward pass, in padded tokens (Python and kernel-launch work per
 # layer, smaller matrix products): measured on CPU as tens of tokens; keeps near-equal rows together.
 GROUP_OVERHEAD_TOKENS = 64
+# Row groups are cut to their longest row rounded up to this many tokens. On a CPU every distinct
+# matrix shape costs oneDNN a new kernel plan (and, in bf16, a reordered copy of the weights); fewer
+# widths let them be reused: bench/training.py on SmolLM2-135M, bf16, 431.6 tokens/s instead of 382.7,
+# for 5.7% pad tokens instead of 1.7%. Pads are masked and unlabeled: the update is the same.
+GROUP_WIDTH_MULTIPLE = 32
 
 
 def plan_row_groups(lengths: list[int], max_tokens: int, overhead_tokens: int = GROUP_OVERHEAD_TOKENS) -> list[list[int]]:
@@ -51,9 +56,10 @@ def plan_row_groups(lengths: list[int], max_tokens: int, overhead_tokens: int = 
     return groups[::-1]
 
 
-def split_padded_batch(inputs: dict[str, Any], max_tokens: int,
-                       overhead_tokens: int = GROUP_OVERHEAD_TOKENS) -> list[dict[str, Any]] | None:
-    """The row groups of a padded batch (`attention_mask` of shape rows x length), each cut to its longest row.
+def split_padded_batch(inputs: dict[str, Any], max_tokens: int, overhead_tokens: int = GROUP_OVERHEAD_TOKENS,
+                       width_multiple: int = GROUP_WIDTH_MULTIPLE) -> list[dict[str, Any]] | None:
+    """The row groups of a padded batch (`attention_mask` of shape rows x length), each cut to its longest row
+    rounded up to `width_multiple` tokens (at most the batch's width).
 
     None when the batch is not a padded one (padding-free and packed batches are one row), has one
     row, or would be one group anyway with no column to cut.
@@ -75,7 +81,7 @@ def split_padded_batch(inputs: dict[str, Any], max_tokens: int,
     out = []
     for group in groups:
         index = torch.tensor(group, device=ids.device)
-        keep = max(lengths[i] for i in group)
+        keep = min(width, -(-max(lengths[i] for i in group) // width_multiple) * width_multiple)
         out.append({key: value.index_select(0, index)[:, :keep]
                     if isinstance(value, torch.Tensor) and value.dim() == 2 and value.shape == (rows, width) else value
                     for key, value in inputs.items()})

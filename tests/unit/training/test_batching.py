@@ -40,9 +40,12 @@ def test_similar_rows_stay_in_one_group_and_a_long_row_goes_alone():
 
 def test_split_cuts_each_group_to_its_longest_row():
     batch = _padded([9, 3, 8, 2])
-    groups = split_padded_batch(batch, max_tokens=16, overhead_tokens=4)
+    groups = split_padded_batch(batch, max_tokens=16, overhead_tokens=4, width_multiple=1)
     assert groups is not None
     assert [tuple(g["input_ids"].shape) for g in groups] == [(1, 9), (1, 8), (2, 3)]
+    # widths rounded up to a multiple (fewer distinct shapes), never past the batch's width
+    rounded = split_padded_batch(batch, max_tokens=16, overhead_tokens=4, width_multiple=4)
+    assert [tuple(g["input_ids"].shape) for g in rounded] == [(1, 9), (1, 8), (2, 4)]
     seen = {tuple(row[m.bool()].tolist()) for g in groups for row, m in zip(g["input_ids"], g["attention_mask"])}
     assert seen == {tuple(row[m.bool()].tolist()) for row, m in zip(batch["input_ids"], batch["attention_mask"])}
     for g in groups:
