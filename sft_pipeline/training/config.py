@@ -49,8 +49,8 @@ class TrainingConfig:
     learning_rate: float = field(
         default=2e-3,
         metadata={"help": "Peak AdamW learning rate. The default is sized for the demo's 120 LoRA steps on a CPU "
-                          "(docs/training.md: after the same steps 1e-3 got 36% of the held-out tickets right, 2e-3 49%); for runs of "
-                          "hundreds of steps use 1e-4..3e-4 for LoRA, ~2e-5 for full."},
+                          "(docs/training.md: after the same steps 1e-3 got 36% of the held-out tickets right, "
+                          "2e-3 49%); for runs of hundreds of steps use 1e-4..3e-4 for LoRA, ~2e-5 for full."},
     )
     lr_scheduler_type: str = field(
         default="cosine", metadata={"help": "transformers scheduler name: cosine, linear, constant, ..."}
@@ -76,11 +76,10 @@ class TrainingConfig:
     )
     lora_last_layers: int = field(
         default=10,
-        metadata={"help": "lora and qlora: adapt only the last this many transformer blocks; 0 (or more "
-                          "than the model has) adapts every block. The "
-                          "backward pass stops at the lowest adapted block, so a step costs less (measured "
-                          "on the demo in docs/training.md). The default is sized for the demo's CPU budget; 0 is the "
-                          "usual choice when compute allows."},
+        metadata={"help": "lora and qlora: adapt only the last this many transformer blocks; 0 (or more than the "
+                          "model has) adapts every block. The backward pass stops at the lowest adapted block, so a "
+                          "step costs less (measured on the demo in docs/training.md). The default is sized for the "
+                          "demo's CPU budget; 0 is the usual choice when compute allows."},
     )
     freeze_trainable_layers: int = field(
         default=2,
@@ -155,8 +154,7 @@ class TrainingConfig:
         default=None,
         metadata={"help": "bf16 mixed precision (LoRA also keeps the frozen base in bf16). None = on where the hardware "
                           "multiplies bf16 natively: bf16-capable CUDA GPUs, and CPUs with AVX512-BF16 or AMX "
-                          "(torch.cpu reports them); fp32 elsewhere. true on hardware without "
-                          "it is an error."},
+                          "(torch.cpu reports them); fp32 elsewhere. true on hardware without it is an error."},
     )
     launcher: str = field(
         default="local",
