@@ -82,12 +82,13 @@ def scored_logits(model: Any, kwargs: dict[str, Any], scored: Any, can_keep: boo
     """
     import torch
 
+    device = kwargs["input_ids"].device
     if can_keep:
-        keep = torch.nn.functional.pad(scored, (0, 1), value=False).to(kwargs["input_ids"].device)
-        logits = model(**kwargs, logits_to_keep=keep).logits
-        if logits.dim() == 2 and logits.shape[0] == int(scored.sum()):
-            return logits
-    return model(**kwargs).logits[:, :-1, :][scored.to(kwargs["input_ids"].device)]
+        logits = model(**kwargs, logits_to_keep=torch.nn.functional.pad(scored, (0, 1), value=False).to(device)).logits
+    else:
+        logits = model(**kwargs).logits
+    # A model that takes logits_to_keep but returns every position is sliced here rather than run again.
+    return logits if logits.dim() == 2 else logits[:, :-1, :][scored.to(device)]
 
 
 def _safe_exp(x: float) -> float:
