@@ -66,6 +66,7 @@ from sft_pipeline.training.model import count_parameters, freeze_all_but_last_la
 from sft_pipeline.training.performance import (
     MEMORY,
     PEAK_BF16_FLOPS,
+    bound_kernel_caches,
     lean_heap,
     model_flops_utilization,
     peak_memory_mib,
@@ -102,6 +103,7 @@ __all__ = [
     "SUPPORTED_METHODS",
     "TrainingConfig",
     "TrainingResult",
+    "bound_kernel_caches",
     "build_trainer",
     "check_cluster_storage",
     "check_device_support",

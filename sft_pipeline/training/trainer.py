@@ -28,7 +28,13 @@ from sft_pipeline.training.fingerprint import dataset_content_hash, training_fin
 from sft_pipeline.training.loss import compact_lm_head
 from sft_pipeline.training.mlflow_run import MlflowRun
 from sft_pipeline.training.model import count_parameters, load_model
-from sft_pipeline.training.performance import MEMORY, lean_heap, model_flops_utilization, peak_memory_mib
+from sft_pipeline.training.performance import (
+    MEMORY,
+    bound_kernel_caches,
+    lean_heap,
+    model_flops_utilization,
+    peak_memory_mib,
+)
 from sft_pipeline.training.records import (
     ADAPTER_SUBDIR,
     CHECKPOINT_SUBDIR,
@@ -119,6 +125,7 @@ def build_trainer(cfg: TrainingConfig, callbacks: list | None = None):
     if not (model_dir / "config.json").is_file():
         raise FileNotFoundError(f"TrainingConfig.model_dir: no config.json in {model_dir}")
     check_device_support(cfg)
+    bound_kernel_caches()  # before this process's first matrix product, or it has no effect
     set_seed(cfg.seed)
     splits = load_tokenized_splits(cfg.dataset_dir)
     bf16 = resolve_bf16(cfg) or cfg.method == "qlora"

@@ -72,3 +72,60 @@ def test_metadata_shows_the_step_peaks():
     meta = materialization_metadata(result)
     assert meta["first_step_peak_memory_mib"] == 905.0 and meta["last_step_peak_memory_mib"] == 900.0
     assert meta["step_peak_memory_growth_mib"] == 0.0
+
+
+# bf16 matrix products of 300 distinct shapes, as padded row groups of varied widths bring; prints the growth
+# of the heap's live bytes (glibc's mallinfo2) in MiB.
+_DISTINCT_SHAPES = """
+import ctypes, sys
+if sys.argv[1] == "bounded":
+    from sft_pipeline.training.performance import bound_kernel_caches
+    bound_kernel_caches()
+import torch
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                               "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = MallInfo2
+weight = torch.randn(576, 576, dtype=torch.bfloat16)
+before = libc.mallinfo2().uordblks
+for rows in range(1, 301):
+    torch.randn(rows, 576, dtype=torch.bfloat16) @ weight
+print((libc.mallinfo2().uordblks - before) / 2**20)
+"""
+
+
+def _heap_growth_mib(mode: str, env: dict[str, str]) -> float:
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", _DISTINCT_SHAPES, mode], capture_output=True, text=True, env=env,
+                          check=True)
+    return float(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(__import__("platform").libc_ver()[0] != "glibc", reason="reads glibc's mallinfo2")
+def test_bounded_kernel_caches_stop_the_heap_growing_with_new_shapes():
+    import os
+
+    from sft_pipeline.training.performance import KERNEL_CACHE_VARIABLES
+
+    env = {k: v for k, v in os.environ.items() if k not in KERNEL_CACHE_VARIABLES}
+    library_default = _heap_growth_mib("library_default", {**env, **dict.fromkeys(KERNEL_CACHE_VARIABLES, "1024")})
+    if library_default < 50:
+        pytest.skip(f"bf16 matrix products on this CPU do not go through oneDNN's plan caches "
+                    f"(300 shapes grew the heap {library_default:.1f} MiB)")
+    bounded = _heap_growth_mib("bounded", env)
+    # At 1024 entries each new shape keeps ~0.6 MiB of plans; at 64 the caches are full after 64 shapes.
+    assert bounded < library_default / 3, f"heap grew {bounded:.1f} MiB bounded, {library_default:.1f} MiB unbounded"
+
+
+def test_bound_kernel_caches_leaves_a_value_the_user_set(monkeypatch):
+    from sft_pipeline.training.performance import KERNEL_CACHE_CAPACITY, bound_kernel_caches
+
+    monkeypatch.setenv("LRU_CACHE_CAPACITY", "512")
+    monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+    assert bound_kernel_caches() == {"LRU_CACHE_CAPACITY": "512",
+                                     "ONEDNN_PRIMITIVE_CACHE_CAPACITY": str(KERNEL_CACHE_CAPACITY)}
