@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
             r = results[name] = json.loads(result_path.read_text())
             hits = round(r["exact_match"] * r["n"])
             low, high = wilson_interval(hits, r["n"])
+            blocks = f"last {r['lora_last_layers']}" if r["lora_last_layers"] else "all"
             print(f"  {name:<10} {r['steps']:>4} steps  {r['train_wall_s']:>6.1f} s  {r['tokens_per_second']:>6.1f} tok/s  "
-                  f"{r['precision']}  last {r['lora_last_layers'] or 'all'} blocks  exact match {r['exact_match']:.3f} "
+                  f"{r['precision']}  {blocks} blocks  exact match {r['exact_match']:.3f} "
                   f"[{low:.3f}, {high:.3f}]  fields {r['field_accuracy']:.3f}  valid {r['valid']:.2f}  n={r['n']}  "
                   f"load {r['load']}", flush=True)
     base = results[BASELINE]

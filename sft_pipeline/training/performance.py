@@ -134,7 +134,8 @@ def bound_kernel_caches(capacity: int = KERNEL_CACHE_CAPACITY) -> dict[str, str]
     """Cap oneDNN's compiled-plan caches at `capacity` entries each, unless the environment already sets them.
 
     Both libraries read their variable when the cache is first used, so this takes effect only before
-    the process's first bf16 matrix product on a CPU (`train` calls it first). Returns the values in effect.
+    the process's first bf16 matrix product on a CPU (`build_trainer` calls it before loading the model).
+    Returns the values in effect.
     """
     for name in KERNEL_CACHE_VARIABLES:
         os.environ.setdefault(name, str(capacity))
