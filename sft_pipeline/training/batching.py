@@ -22,8 +22,8 @@ from typing import Any
 # layer, smaller matrix products): measured on CPU as tens of tokens; keeps near-equal rows together.
 GROUP_OVERHEAD_TOKENS = 64
 # Row groups are cut to their longest row rounded up to this many tokens. On a CPU every distinct
-# matrix shape costs oneDNN a new kernel plan (and, in bf16, a reordered copy of the weights); fewer
-# widths let them be reused: bench/training.py on SmolLM2-135M, bf16, 431.6 tokens/s instead of 382.7 (two runs),
+# matrix shape costs oneDNN a newly compiled plan (bf16; see performance.bound_kernel_caches); fewer
+# widths let plans be reused: bench/training.py on SmolLM2-135M, bf16, 431.6 tokens/s instead of 382.7 (two runs),
 # for 5.7% pad tokens instead of 1.7%. Pads are masked and unlabeled: the update is the same.
 GROUP_WIDTH_MULTIPLE = 32
 

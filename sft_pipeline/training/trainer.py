@@ -289,10 +289,10 @@ def _train(cfg: TrainingConfig, mlflow_run: MlflowRun | None, is_main: bool, fin
     trainer, tokenizer, splits = build_trainer(cfg, callbacks=[step_logger])
     model = trainer.model
     trainable, total = count_parameters(model)
+    precision = "bf16" if trainer.args.bf16 else "fp32"
     logger.info("method=%s trainable parameters %d of %d (%.2f%%), batching=%s, attention=%s, precision=%s",
                 cfg.method, trainable, total, 100 * trainable / max(total, 1), resolve_batching(cfg),
-                model.config._attn_implementation if hasattr(model, "config") else "?",
-                "bf16" if trainer.args.bf16 else "fp32")
+                model.config._attn_implementation if hasattr(model, "config") else "?", precision)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
 
@@ -372,7 +372,7 @@ def _train(cfg: TrainingConfig, mlflow_run: MlflowRun | None, is_main: bool, fin
         device=device,
         batching=resolve_batching(cfg),
         attn_implementation=str(getattr(getattr(model, "config", None), "_attn_implementation", "") or ""),
-        precision="bf16" if trainer.args.bf16 else "fp32",
+        precision=precision,
         num_processes=int(trainer.args.world_size),
         launcher=cfg.launcher,
         replica_weight_digests=digests,

@@ -87,7 +87,9 @@ class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
                                                "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-libc = ctypes.CDLL("libc.so.6")
+from sft_pipeline.tokenization.workers import _glibc
+
+libc = _glibc()
 libc.mallinfo2.restype = MallInfo2
 weight = torch.randn(576, 576, dtype=torch.bfloat16)
 before = libc.mallinfo2().uordblks
